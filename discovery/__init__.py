@@ -1,0 +1,1 @@
+"""The instance agent: identity -> claim -> record -> DNS -> barrier -> TF_CONFIG -> server."""

@@ -1,0 +1,1 @@
+"""Jinja2 templates rendered by tfcluster.cloudinit (package data, no code)."""
