@@ -46,3 +46,22 @@ def render_corefile(settings: CorefileSettings) -> str:
         upstreams=settings.upstreams,
         query_log=settings.query_log,
     )
+
+
+# coredns/Corefile, the file docker-compose mounts: CoreDNS in its container
+# reaches etcd by its service name and listens on every container address.
+DOCKER_COMPOSE = CorefileSettings(
+    cluster="local",
+    zone="tensorflow.local",
+    etcd_endpoints=("http://etcd:2379",),
+    dns_bind="0.0.0.0",
+    dns_port=53,
+    ready_addr="0.0.0.0:8181",
+    health_addr="0.0.0.0:8080",
+    upstreams=("/etc/resolv.conf",),
+)
+
+
+if __name__ == "__main__":
+    # Regenerates coredns/Corefile: python -m tfcluster.cloudinit.corefile > coredns/Corefile
+    print(render_corefile(DOCKER_COMPOSE), end="")

@@ -97,11 +97,15 @@ def srv_prefix(path: str, zone: str) -> str:
     return name_to_key(path, srv_name(zone)) + "/"
 
 
-def record_value(host: str, port: int, ttl: int) -> str:
+def record_value(host: str, port: int, ttl: int, owner: str = "") -> str:
     """The SkyDNS message CoreDNS reads: an IP ``host`` yields A/AAAA (and SRV
     glue); ``port`` is the SRV port; a small ``ttl`` bounds how long resolvers
-    keep an answer after the member has gone."""
-    return json.dumps({"host": host, "port": port, "ttl": ttl}, sort_keys=True)
+    keep an answer after the member has gone. ``owner`` (the instance id) is
+    ours alone: CoreDNS ignores fields it does not know."""
+    value: dict[str, object] = {"host": host, "port": port, "ttl": ttl}
+    if owner:
+        value["owner"] = owner
+    return json.dumps(value, sort_keys=True)
 
 
 def parse_value(raw: bytes | str) -> dict[str, object]:

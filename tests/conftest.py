@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tfcluster.discovery import records
 
 TEST_CLUSTER = "test"
 TEST_ZONE = "tensorflow.local"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,6 +35,16 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (make setup installs it when run as root)")
     return path
+
+
+def pinned_version(go_mod: str, module: str) -> str:
+    """The version a go.mod of this repository pins for ``module``, without the v."""
+    text = (REPO / go_mod).read_text()
+    for line in text.splitlines():
+        parts = line.split()
+        if module in parts:
+            return parts[parts.index(module) + 1].lstrip("v")
+    raise AssertionError(f"{module} not pinned in {go_mod}")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typing import Any
 import dnslib
 import pytest
 
-from conftest import TEST_ZONE, require_tool
+from conftest import TEST_ZONE, pinned_version, require_tool
 from tfcluster.cloudinit.localstack import StackSettings
 from tfcluster.discovery import records
 
@@ -113,25 +113,11 @@ def test_coredns_build_has_exactly_our_plugins(stack, flag):
 
 
 def test_pinned_versions(stack):
-    etcd_version = subprocess.run(
-        [str(stack.bin_dir / "etcd"), "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    coredns_version = subprocess.run(
-        [str(stack.bin_dir / "coredns"), "-version"], capture_output=True, text=True, check=True
-    ).stdout
-    assert f"etcd Version: {_pinned('scripts/etcd/go.mod', 'go.etcd.io/etcd/server/v3')}" in (
-        etcd_version
-    )
-    assert f"CoreDNS-{_pinned('coredns/go.mod', 'github.com/coredns/coredns')}" in (coredns_version)
+    etcd = pinned_version("scripts/etcd/go.mod", "go.etcd.io/etcd/server/v3")
+    coredns = pinned_version("coredns/go.mod", "github.com/coredns/coredns")
+    assert f"etcd Version: {etcd}\n" in version_output(stack.bin_dir / "etcd", "--version")
+    assert f"CoreDNS-{coredns}\n" in version_output(stack.bin_dir / "coredns", "-version")
 
 
-def _pinned(go_mod: str, module: str) -> str:
-    """The version go.mod pins for ``module``, without its leading v."""
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / go_mod).read_text()
-    for line in text.splitlines():
-        parts = line.split()
-        if module in parts:
-            return parts[parts.index(module) + 1].lstrip("v")
-    raise AssertionError(f"{module} not pinned in {go_mod}")
+def version_output(binary, flag: str) -> str:
+    return subprocess.run([str(binary), flag], capture_output=True, text=True, check=True).stdout

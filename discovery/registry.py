@@ -1,0 +1,198 @@
+"""Claim, hold and release one member's name in etcd.
+
+A claim is ONE transaction: if neither the member's record key nor its
+membership (SRV view) key exists (``create_revision == 0``), both are put
+under a fresh lease; otherwise nothing is written. There is no get-then-put,
+so two instances racing for ``worker2`` cannot both win. A name whose holder's
+lease expired has no keys left, so it is free again. The one exception is a
+name held by *this* instance (the agent restarted before its old lease ran
+out): that stale claim is deleted, guarded by its revision, and claimed anew.
+
+Lifecycle of a ``Registry`` (the agent drives it)::
+
+    UNCLAIMED --claim()--> HELD --keepalive() False--> UNCLAIMED (claim again)
+    HELD --release()--> RELEASED (lease revoked: CoreDNS stops answering at once)
+
+etcd being unreachable is not a lost lease: ``keepalive`` reports it as
+``EtcdUnavailable`` and the caller retries until the lease would have expired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tfcluster.discovery import records
+from tfcluster.discovery.etcdclient import etcd3
+from tfcluster.discovery.identity import Identity
+
+log = logging.getLogger(__name__)
+
+_ETCD_ERRORS = (etcd3.exceptions.Etcd3Exception, grpc.RpcError)
+
+
+class RegistryError(RuntimeError):
+    """Base of the registry's failures."""
+
+
+class NameTaken(RegistryError):
+    """Another live instance holds the name: do not take it."""
+
+
+class EtcdUnavailable(RegistryError):
+    """etcd did not answer within the call's deadline: retry later."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a name, as its record says."""
+
+    instance_id: str
+    host: str
+    port: str
+
+
+class Registry:
+    """One member's name in one cluster's etcd prefix."""
+
+    def __init__(self, client: Any, cluster: str, zone: str, lease_ttl: int, record_ttl: int):
+        self.client = client
+        self.path = records.cluster_path(cluster)
+        self.zone = zone
+        self.lease_ttl = lease_ttl
+        self.record_ttl = record_ttl
+        self.lease: Any = None
+        self.identity: Identity | None = None
+
+    def keys(self, identity: Identity) -> tuple[str, str]:
+        member = identity.member
+        return (
+            records.record_key(self.path, self.zone, member),
+            records.srv_key(self.path, self.zone, member),
+        )
+
+    def claim(self, identity: Identity) -> None:
+        """Take the name of ``identity.member`` or raise ``NameTaken``."""
+        record_key, srv_key = self.keys(identity)
+        value = records.record_value(
+            identity.ip, identity.port, self.record_ttl, owner=identity.instance_id
+        )
+        txn = self.client.transactions
+        holder = None
+        for _attempt in range(2):
+            with _etcd("grant a lease"):
+                lease = self.client.lease(self.lease_ttl)
+            with _etcd(f"claim {identity.member.name(self.zone)}"):
+                won, responses = self.client.transaction(
+                    compare=[txn.create(record_key) == 0, txn.create(srv_key) == 0],
+                    success=[
+                        txn.put(record_key, value, lease=lease),
+                        txn.put(srv_key, value, lease=lease),
+                    ],
+                    failure=[txn.get(record_key), txn.get(srv_key)],
+                )
+            if won:
+                self.lease, self.identity = lease, identity
+                log.info("claimed %s (lease %x)", identity.member.name(self.zone), lease.id)
+                return
+            self._revoke(lease)
+            held = [kv for response in responses for kv in response]
+            holder = _holder(held)
+            if holder is None or holder.instance_id != identity.instance_id:
+                break
+            log.info("removing this instance's stale claim on %s", identity.member.label)
+            self._delete_stale(held)
+        raise NameTaken(_taken_message(identity, self.zone, holder))
+
+    def keepalive(self) -> bool:
+        """Refresh the lease; False if it is gone (expired or revoked)."""
+        if self.lease is None:
+            return False
+        with _etcd("refresh the lease"):
+            responses = self.lease.refresh()
+        alive = bool(responses) and all(r.TTL > 0 for r in responses)
+        if not alive:
+            log.warning("lease %x is gone; the name must be claimed again", self.lease.id)
+            self.lease = None
+        return alive
+
+    def release(self) -> None:
+        """Revoke the lease: both keys disappear from etcd and from DNS."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            self._revoke(lease)
+
+    def holder(self, identity: Identity) -> Holder | None:
+        """Who holds ``identity.member``'s name now, if anyone."""
+        record_key, _ = self.keys(identity)
+        with _etcd("read a record"):
+            value, meta = self.client.get(record_key)
+        return None if value is None else _holder([(value, meta)])
+
+    def _revoke(self, lease: Any) -> None:
+        try:
+            with _etcd("revoke the lease"):
+                lease.revoke()
+        except EtcdUnavailable as exc:
+            log.warning("%s; the lease will expire by itself in %d s", exc, self.lease_ttl)
+        except RegistryError:
+            pass  # already expired: nothing to revoke
+
+    def _delete_stale(self, held: list[tuple[bytes, Any]]) -> None:
+        txn = self.client.transactions
+        for _value, meta in held:
+            with _etcd("delete a stale claim"):
+                self.client.transaction(
+                    compare=[txn.mod(meta.key) == meta.mod_revision],
+                    success=[txn.delete(meta.key)],
+                    failure=[],
+                )
+
+
+@contextmanager
+def _etcd(what: str) -> Iterator[None]:
+    """Name the failure of one etcd call: unreachable (retry) or refused."""
+    try:
+        yield
+    except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError):
+        raise EtcdUnavailable(f"etcd did not answer while trying to {what}") from None
+    except _ETCD_ERRORS as exc:
+        raise RegistryError(f"etcd refused to {what}: {exc}") from None
+
+
+def list_records(client: Any, cluster: str, zone: str) -> list[tuple[str, dict[str, object]]]:
+    """Every record of the cluster's zone as etcd holds it: (key, value) sorted by key."""
+    prefix = records.zone_prefix(records.cluster_path(cluster), zone)
+    with _etcd("list records"):
+        items = list(client.get_prefix(prefix))
+    result = []
+    for value, meta in items:
+        try:
+            result.append((meta.key.decode(), records.parse_value(value)))
+        except ValueError:
+            result.append((meta.key.decode(), {"unparsable": value.decode(errors="replace")}))
+    return sorted(result, key=lambda item: item[0])
+
+
+def _holder(held: list[tuple[bytes, Any]]) -> Holder | None:
+    for value, _meta in held:
+        try:
+            data = records.parse_value(value)
+        except ValueError:
+            continue
+        return Holder(
+            str(data.get("owner", "?")), str(data.get("host", "?")), int(data.get("port", 0))
+        )  # type: ignore[call-overload]
+    return None
+
+
+def _taken_message(identity: Identity, zone: str, holder: Holder | None) -> str:
+    name = identity.member.name(zone)
+    if holder is None:
+        return f"{name} is held by another instance"
+    return f"{name} is held by instance {holder.instance_id} at {holder.host}:{holder.port}"
