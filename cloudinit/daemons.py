@@ -69,7 +69,10 @@ def running(run_dir: Path, name: str) -> int | None:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
-    if state == "Z" or str(run_dir) not in cmdline:
+    if state == "Z":
+        return None
+    # An empty command line is a process caught mid-exec (seen under gVisor).
+    if cmdline and str(run_dir) not in cmdline:
         return None
     return pid
 

@@ -1,0 +1,131 @@
+"""Wait until every expected peer resolves through CoreDNS.
+
+One poll is ONE SRV query for ``_tensorflow._tcp.<zone>``: its cost to this
+agent does not grow with the cluster. Polls are woken early by a peer's claim
+(the caller sets ``wake`` from an etcd watch on the membership prefix) and
+otherwise back off from ``interval`` to ``max_interval``, so a lost watch only
+slows the barrier down.
+
+The barrier passes when the SRV answer lists every expected member, and then
+- unless turned off for hosts whose system resolver does not use CoreDNS -
+when ``getaddrinfo`` (what TensorFlow's gRPC uses) returns each peer's address
+from that answer. The system resolver is asked only after the SRV answer is
+complete, so it never caches a denial for a peer that has not registered yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from tfcluster.discovery.dns import DNSClient, DNSQueryError, Endpoint
+from tfcluster.discovery.records import Member
+
+log = logging.getLogger(__name__)
+
+
+class BarrierTimeout(TimeoutError):
+    """Some peers did not resolve in time; the message names them."""
+
+    def __init__(self, timeout: float, missing: Iterable[str]) -> None:
+        self.missing = sorted(missing)
+        super().__init__(
+            f"barrier timed out after {timeout:g} s; still missing: {', '.join(self.missing)}"
+        )
+
+
+def system_resolves(name: str, port: int) -> set[str]:
+    """The addresses ``getaddrinfo`` gives for ``name`` (empty if none)."""
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return set()
+    return {str(info[4][0]) for info in infos}
+
+
+class Barrier:
+    """One agent's wait for its peers; ``wait`` may be called once."""
+
+    def __init__(
+        self,
+        dns: DNSClient,
+        zone: str,
+        expected: Iterable[Member],
+        *,
+        check_system_resolver: bool = True,
+        wake: threading.Event | None = None,
+        interval: float = 0.1,
+        max_interval: float = 2.0,
+        progress_every: float = 10.0,
+        resolve: Callable[[str, int], set[str]] = system_resolves,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.dns = dns
+        self.zone = zone
+        self.expected = frozenset(expected)
+        self.check_system_resolver = check_system_resolver
+        self.wake = wake if wake is not None else threading.Event()
+        self.interval = interval
+        self.max_interval = max_interval
+        self.progress_every = progress_every
+        self.resolve = resolve
+        self.now = now
+        self.polls = 0
+
+    def wait(self, timeout: float, stop: threading.Event | None = None) -> dict[Member, Endpoint]:
+        """Return every expected member's endpoint, or raise ``BarrierTimeout``.
+
+        ``stop`` (set by a signal handler) ends the wait early with
+        ``InterruptedError``.
+        """
+        deadline = self.now() + timeout
+        next_progress = self.now() + self.progress_every
+        delay = self.interval
+        missing: list[str] = sorted(m.label for m in self.expected)
+        while True:
+            self.wake.clear()
+            found, missing = self._poll()
+            if found is not None:
+                log.info("barrier passed: all %d members resolve", len(self.expected))
+                return found
+            now = self.now()
+            if now >= deadline:
+                raise BarrierTimeout(timeout, missing)
+            if now >= next_progress:
+                log.info(
+                    "barrier: %d/%d members resolve; waiting for %s",
+                    len(self.expected) - len(missing), len(self.expected), ", ".join(missing),
+                )  # fmt: skip
+                next_progress = now + self.progress_every
+            woken = self.wake.wait(min(delay, deadline - now))
+            if stop is not None and stop.is_set():
+                raise InterruptedError("barrier interrupted")
+            delay = self.interval if woken else min(delay * 2, self.max_interval)
+
+    def _poll(self) -> tuple[dict[Member, Endpoint] | None, list[str]]:
+        """(all endpoints, []) when the barrier holds, else (None, missing labels)."""
+        self.polls += 1
+        try:
+            members = self.dns.members(self.zone)
+        except DNSQueryError as exc:
+            log.debug("barrier poll failed: %s", exc)
+            return None, sorted(m.label for m in self.expected)
+        missing = sorted(m.label for m in self.expected - members.keys())
+        if missing:
+            return None, missing
+        found = {m: members[m] for m in self.expected}
+        if self.check_system_resolver:
+            unresolved = self._unresolved_by_system(found)
+            if unresolved:
+                return None, [f"{label} (system resolver)" for label in unresolved]
+        return dict(sorted(found.items())), []
+
+    def _unresolved_by_system(self, found: Mapping[Member, Endpoint]) -> list[str]:
+        return sorted(
+            member.label
+            for member, endpoint in found.items()
+            if endpoint.host_ip not in self.resolve(member.name(self.zone), endpoint.port)
+        )

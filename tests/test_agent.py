@@ -1,0 +1,198 @@
+"""The agent end to end, as real processes, against the real etcd and CoreDNS."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import free_port, require_tool
+from harness import AgentProcess, make_agent
+from tfcluster.cloudinit import daemons, localstack
+from tfcluster.discovery import dns
+from tfcluster.discovery.registry import list_records
+from tfcluster.discovery.waiting import wait_for
+
+FIVE = {"chief": 1, "ps": 2, "worker": 2}
+LAYOUT = [("chief", 0), ("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)]
+
+
+@pytest.fixture
+def agents():
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def launch(agents, tmp_path, stack, role, index, ip, roles=FIVE, **kw) -> AgentProcess:
+    agent = make_agent(tmp_path, stack, role=role, launch_index=index, ip=ip, roles=roles, **kw)
+    agents.append(agent)
+    return agent.start()
+
+
+def gone_after(stack, name: str, timeout: float) -> float:
+    """Seconds until ``name`` stops resolving (bounded by ``timeout``)."""
+    start = time.monotonic()
+    wait_for(
+        lambda: True if not dns.resolve_a(stack.dns_server, name) else None,
+        what=f"{name} to leave DNS",
+        timeout=timeout,
+        interval=0.02,
+        max_interval=0.05,
+    )
+    return time.monotonic() - start
+
+
+def test_five_agents_pass_the_barrier(stack, clean_cluster, agents, tmp_path):
+    for n, (role, index) in enumerate(LAYOUT):
+        launch(agents, tmp_path, stack, role, index, f"127.0.30.{n + 1}")
+    tf_configs = [agent.wait_passed_barrier() for agent in agents]
+
+    dig = require_tool("dig")
+    for n, (role, index) in enumerate(LAYOUT):
+        answer = subprocess.run(
+            [dig, "+short", "+time=2", "+tries=1", f"@{stack.host}", "-p", str(stack.dns_port),
+             f"{role}{index}.{stack.zone}"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.split()  # fmt: skip
+        assert answer == [f"127.0.30.{n + 1}"]
+    members = dns.members(stack.dns_server, stack.zone)
+    assert {m.label: (e.host_ip, e.port) for m, e in members.items()} == {
+        f"{role}{index}": (f"127.0.30.{n + 1}", 2222 + n) for n, (role, index) in enumerate(LAYOUT)
+    }
+    cluster = tf_configs[0]["cluster"]
+    assert cluster["worker"] == ["worker0.tensorflow.local:2225", "worker1.tensorflow.local:2226"]
+    assert [c["task"] for c in tf_configs] == [{"type": r, "index": i} for r, i in LAYOUT]
+    assert all(c["cluster"] == cluster for c in tf_configs)
+
+    for agent in agents:
+        agent.signal(signal.SIGTERM)
+    assert [agent.wait_exit(10) for agent in agents] == [0] * 5
+    assert dns.members(stack.dns_server, stack.zone) == {}
+
+
+def test_second_claimant_exits_with_code_4_and_writes_nothing(
+    stack, etcd, clean_cluster, agents, tmp_path
+):
+    first = launch(
+        agents, tmp_path, stack, "worker", 0, "127.0.31.1", instance_id="i-0123456789abcdef1"
+    )
+    wait_for(
+        lambda: dns.resolve_a(stack.dns_server, "worker0.tensorflow.local") or None,
+        what="the first claim to resolve",
+        timeout=30,
+    )
+    before = list_records(etcd, stack.cluster, stack.zone)
+    second = launch(
+        agents, tmp_path, stack, "worker", 0, "127.0.31.2", instance_id="i-0123456789abcdef2"
+    )
+    assert second.wait_exit(30) == 4
+    assert (
+        "worker0.tensorflow.local is held by instance i-0123456789abcdef1 at 127.0.31.1:2225"
+        in second.log()
+    )
+    assert list_records(etcd, stack.cluster, stack.zone) == before
+    assert first.proc is not None and first.proc.poll() is None
+
+
+def test_record_leaves_dns_after_kill_and_after_sigterm(stack, clean_cluster, agents, tmp_path):
+    killed = launch(agents, tmp_path, stack, "worker", 0, "127.0.32.1")
+    stopped = launch(agents, tmp_path, stack, "worker", 1, "127.0.32.2")
+    for name in ("worker0.tensorflow.local", "worker1.tensorflow.local"):
+        wait_for(
+            lambda name=name: dns.resolve_a(stack.dns_server, name) or None,
+            what=f"{name} to resolve",
+            timeout=30,
+        )
+
+    killed.signal(signal.SIGKILL)
+    after_kill = gone_after(stack, "worker0.tensorflow.local", timeout=4 + 1 + 3)
+    stopped.signal(signal.SIGTERM)
+    after_term = gone_after(stack, "worker1.tensorflow.local", timeout=5)
+    print(f"\nkill -9 -> gone from DNS: {after_kill:.2f} s (lease 4 s + record TTL 1 s)")
+    print(f"SIGTERM -> gone from DNS: {after_term * 1000:.0f} ms")
+    assert after_kill <= 4 + 1
+    assert after_term < 1.0
+    assert stopped.wait_exit(10) == 0
+
+
+@pytest.fixture
+def own_stack(tmp_path_factory):
+    """A stack of this test's own, so that its etcd can be stopped."""
+    settings = localstack.StackSettings(
+        run_dir=tmp_path_factory.mktemp("own-stack"),
+        cluster="restart",
+        etcd_port=free_port(),
+        etcd_peer_port=free_port(),
+        dns_port=free_port(),
+        health_port=free_port(),
+        ready_port=free_port(),
+    )
+    localstack.up(settings)
+    yield settings
+    localstack.down(settings.run_dir)
+
+
+def test_agents_survive_an_etcd_restart(own_stack, agents, tmp_path):
+    roles = {"ps": 1, "worker": 1}
+    pair = [
+        launch(agents, tmp_path, own_stack, "ps", 0, "127.0.33.1", roles=roles),
+        launch(agents, tmp_path, own_stack, "worker", 0, "127.0.33.2", roles=roles),
+    ]
+    for agent in pair:
+        agent.wait_passed_barrier()
+
+    daemons.stop(own_stack.run_dir, "etcd")
+    for agent in pair:
+        wait_for(
+            lambda agent=agent: "will retry" in agent.log() or None,
+            what=f"{agent.name} to notice that etcd is gone",
+            timeout=30,
+        )
+    localstack.up(own_stack)
+
+    def both_resolve() -> bool | None:
+        found = dns.members(own_stack.dns_server, own_stack.zone)
+        return True if {m.label for m in found} == {"ps0", "worker0"} else None
+
+    wait_for(both_resolve, what="both records back in DNS", timeout=30)
+    # Still there after more than a lease TTL: the agents refresh the same lease.
+    deadline = time.monotonic() + 4 * 2
+    while time.monotonic() < deadline:
+        assert both_resolve(), "a record vanished after etcd came back"
+        time.sleep(0.5)
+    assert all(agent.proc is not None and agent.proc.poll() is None for agent in pair)
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("imds-unreachable", 3, "instance metadata"),
+        ("token-refused", 3, "instance metadata"),
+        ("index-out-of-range", 2, "ami-launch-index 5 is out of range"),
+    ],
+)
+def test_bad_identity_exits_nonzero_and_writes_nothing(
+    stack, etcd, clean_cluster, agents, tmp_path, case, code, message
+):
+    index = 5 if case == "index-out-of-range" else 0
+    overrides = {}
+    if case == "imds-unreachable":
+        overrides["imds_endpoint"] = f"http://127.0.0.1:{free_port()}"
+    agent = make_agent(
+        tmp_path, stack, role="worker", launch_index=index, ip="127.0.34.1", roles=FIVE,
+        **overrides,
+    )  # fmt: skip
+    agents.append(agent)
+    if case == "token-refused":
+        agent.emulator.set_fault(fail="token-refused")
+    agent.start()
+    assert agent.wait_exit(60) == code
+    last_line = agent.log().strip().splitlines()[-1]
+    assert last_line.startswith("Error: ") and message in last_line
+    assert "Traceback" not in agent.log()
+    assert list(etcd.get_prefix(clean_cluster)) == []
+    assert not agent.tf_config_path.exists()
