@@ -1,0 +1,251 @@
+"""A small DNS client for the cluster zone: A look-ups and the membership SRV view.
+
+The agent asks CoreDNS directly (not the system resolver) so that it sees
+exactly what etcd holds, with its own deadline, and can tell "this peer has
+not registered yet" (NXDOMAIN: an empty answer) from "the name server is
+broken" (SERVFAIL, REFUSED: an error) from "nobody answered" (a timeout).
+
+Membership is read with ONE query: the SRV view ``_tensorflow._tcp.<zone>``
+(see records.py) answers one SRV record per member, with the member's port,
+and CoreDNS adds each member's address as a glue A record. Queries go over
+UDP with an EDNS0 buffer of 4096 bytes; a larger cluster's answer comes back
+truncated (TC bit) and the same question is asked again over TCP. A TCP
+answer holds at most 64 KiB: about 700 members with their glue (CoreDNS 1.14).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import dnslib
+
+from tfcluster.discovery import records
+from tfcluster.discovery.records import Member
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 2.0
+EDNS_BUFFER = 4096
+_TCP_LENGTH = struct.Struct("!H")
+
+
+class DNSQueryError(Exception):
+    """A DNS query did not produce an answer."""
+
+
+class DNSTimeout(DNSQueryError):
+    """No answer before the deadline: the server may be down or overloaded; retry later."""
+
+
+class DNSServerError(DNSQueryError):
+    """The server answered with an error code (SERVFAIL, REFUSED, ...), e.g. etcd is
+    unreachable from CoreDNS or the name is outside the zones it serves."""
+
+    def __init__(self, name: str, qtype: str, rcode: str) -> None:
+        super().__init__(f"{qtype} {name}: server answered {rcode}")
+        self.rcode = rcode
+
+
+class DNSConnectionError(DNSQueryError):
+    """The server could not be reached (connection refused, network unreachable)."""
+
+
+class DNSAnswerTooLarge(DNSQueryError):
+    """Even the TCP answer was truncated (a DNS message holds at most 64 KiB: about
+    700 members in the SRV view); using part of it would drop members."""
+
+
+class DNSBadReply(DNSQueryError):
+    """The reply could not be parsed or does not answer the question asked."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a member's TensorFlow server listens."""
+
+    host_ip: str
+    port: int
+
+
+class DNSClient:
+    """Queries one name server, each query bounded by ``timeout`` seconds in all
+    (the UDP attempt and a TCP retry share it).
+
+    ``queries_sent`` counts the messages sent to the server (a truncated UDP
+    answer followed by the TCP retry counts two) and ``tcp_retries`` the TCP
+    retries, so that a benchmark can relate load on CoreDNS to look-ups made.
+    """
+
+    def __init__(
+        self,
+        server: tuple[str, int],
+        timeout: float = DEFAULT_TIMEOUT,
+        edns_buffer: int | None = EDNS_BUFFER,
+    ) -> None:
+        self.server = server
+        self.timeout = timeout
+        self.edns_buffer = edns_buffer
+        self.queries_sent = 0
+        self.tcp_retries = 0
+
+    def query(self, name: str, qtype: str) -> dnslib.DNSRecord:
+        """Ask ``qtype`` (e.g. "A", "SRV") for ``name``; NXDOMAIN is an answer
+        with no records, any other error code raises DNSServerError."""
+        deadline = time.monotonic() + self.timeout
+        request = dnslib.DNSRecord.question(name, qtype)
+        if self.edns_buffer is not None:
+            request.add_ar(dnslib.EDNS0(udp_len=self.edns_buffer))
+        reply = self._exchange_udp(request, deadline)
+        if reply.header.tc:
+            log.debug("%s %s: truncated over UDP, asking over TCP", qtype, name)
+            self.tcp_retries += 1
+            reply = self._exchange_tcp(request, deadline)
+            if reply.header.tc:
+                raise DNSAnswerTooLarge(f"{qtype} {name}: the answer exceeds 64 KiB even over TCP")
+        rcode = dnslib.RCODE.get(reply.header.rcode)
+        if rcode not in ("NOERROR", "NXDOMAIN"):
+            raise DNSServerError(name, qtype, str(rcode))
+        return reply
+
+    def resolve_a(self, name: str) -> list[str]:
+        """The IPv4 addresses of ``name``; empty when the name does not exist."""
+        reply = self.query(name, "A")
+        return [str(rr.rdata) for rr in reply.rr if rr.rtype == dnslib.QTYPE.A]
+
+    def members(self, zone: str) -> dict[Member, Endpoint]:
+        """Every registered member of the cluster, from one SRV query, sorted.
+
+        SRV targets that are not member names, and targets without a glue
+        address, are skipped: they are not servers TensorFlow can dial.
+        """
+        reply = self.query(records.srv_name(zone), "SRV")
+        # DNSLabel compares and hashes case-insensitively, as DNS names do.
+        glue = {rr.rname: str(rr.rdata) for rr in reply.ar if rr.rtype == dnslib.QTYPE.A}
+        found: dict[Member, Endpoint] = {}
+        for rr in reply.rr:
+            if rr.rtype != dnslib.QTYPE.SRV:
+                continue
+            target = rr.rdata.target
+            member = records.parse_label(target.label[0].decode("ascii", "replace"))
+            address = glue.get(target)
+            if member is None or address is None:
+                log.debug("SRV target %s is not a member with an address; skipped", target)
+                continue
+            found.setdefault(member, Endpoint(address, rr.rdata.port))
+        return dict(sorted(found.items()))
+
+    def _exchange_udp(self, request: dnslib.DNSRecord, deadline: float) -> dnslib.DNSRecord:
+        with socket.socket(_family(self.server[0]), socket.SOCK_DGRAM) as sock:
+            try:
+                # Connected: the kernel drops datagrams from other sources and
+                # reports ICMP port-unreachable as ConnectionRefusedError.
+                sock.connect(self.server)
+                sock.settimeout(_remaining(deadline))
+                sock.send(request.pack())
+                self.queries_sent += 1
+                while True:
+                    sock.settimeout(_remaining(deadline))
+                    reply = _parse(sock.recv(65535), request)
+                    if reply is not None:
+                        return reply
+            except TimeoutError:
+                raise _timeout(request, self.server) from None
+            except OSError as exc:
+                raise DNSConnectionError(f"{_describe(request)} via {self.server}: {exc}") from exc
+
+    def _exchange_tcp(self, request: dnslib.DNSRecord, deadline: float) -> dnslib.DNSRecord:
+        packet = request.pack()
+        try:
+            with socket.create_connection(self.server, timeout=_remaining(deadline)) as sock:
+                sock.sendall(_TCP_LENGTH.pack(len(packet)) + packet)
+                self.queries_sent += 1
+                (length,) = _TCP_LENGTH.unpack(_recv_exactly(sock, 2, deadline, request))
+                reply = _parse(_recv_exactly(sock, length, deadline, request), request)
+        except TimeoutError:
+            raise _timeout(request, self.server) from None
+        except OSError as exc:
+            raise DNSConnectionError(f"{_describe(request)} via {self.server}: {exc}") from exc
+        if reply is None:
+            raise DNSBadReply(f"{_describe(request)}: TCP reply does not match the question")
+        return reply
+
+
+def query(
+    server: tuple[str, int], name: str, qtype: str, timeout: float = DEFAULT_TIMEOUT
+) -> dnslib.DNSRecord:
+    """One query with a fresh client; see DNSClient.query."""
+    return DNSClient(server, timeout).query(name, qtype)
+
+
+def resolve_a(server: tuple[str, int], name: str, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """See DNSClient.resolve_a."""
+    return DNSClient(server, timeout).resolve_a(name)
+
+
+def members(
+    server: tuple[str, int], zone: str, timeout: float = DEFAULT_TIMEOUT
+) -> dict[Member, Endpoint]:
+    """See DNSClient.members."""
+    return DNSClient(server, timeout).members(zone)
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:5353"`` -> ("127.0.0.1", 5353), ``"[::1]:5353"`` -> ("::1", 5353);
+    the port defaults to 53."""
+    if text.count(":") > 1 and not text.startswith("["):
+        return text, 53  # a bare IPv6 address
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text.strip("[]"), 53
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad DNS server address {text!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def _parse(packet: bytes, request: dnslib.DNSRecord) -> dnslib.DNSRecord | None:
+    """The reply if ``packet`` answers ``request``; None for a stray datagram."""
+    try:
+        reply = dnslib.DNSRecord.parse(packet)
+    except dnslib.DNSError as exc:
+        raise DNSBadReply(f"{_describe(request)}: unparseable reply: {exc}") from exc
+    if reply.header.id != request.header.id or not reply.header.qr:
+        return None
+    if reply.questions and reply.q != request.q:
+        return None
+    return reply
+
+
+def _recv_exactly(
+    sock: socket.socket, size: int, deadline: float, request: dnslib.DNSRecord
+) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise DNSBadReply(f"{_describe(request)}: server closed the TCP connection")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _timeout(request: dnslib.DNSRecord, server: tuple[str, int]) -> DNSTimeout:
+    return DNSTimeout(f"{_describe(request)}: no answer from {server[0]}:{server[1]}")
+
+
+def _describe(request: dnslib.DNSRecord) -> str:
+    return f"{dnslib.QTYPE.get(request.q.qtype)} {request.q.qname}"
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
