@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tfcluster.cloudinit import daemons
 from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
@@ -63,6 +65,20 @@ class StackSettings:
             record_ttl=self.record_ttl,
             upstreams=self.upstreams,
         )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (in practice, for UDP too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def on_free_ports(run_dir: Path, **settings: Any) -> StackSettings:
+    """Settings whose every port is free now: for tests, the demo, benchmarks."""
+    ports = ("etcd_port", "etcd_peer_port", "dns_port", "health_port", "ready_port")
+    chosen: dict[str, Any] = {name: free_port() for name in ports if name not in settings}
+    return StackSettings(run_dir=run_dir, **chosen, **settings)
 
 
 class StackError(RuntimeError):

@@ -46,6 +46,7 @@ from tfcluster.discovery.imds import IMDSClient, IMDSError
 from tfcluster.discovery.registry import EtcdUnavailable, NameTaken, Registry, RegistryError
 from tfcluster.discovery.tfconfig import build_cluster_spec, write_tf_config
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
+from tfcluster.discovery.watch import MembershipWatch
 
 log = logging.getLogger(__name__)
 
@@ -162,20 +163,18 @@ class Agent:
             raise AgentExit(EXIT_ETCD, str(exc)) from None
 
     def _barrier(self, identity: Identity) -> dict[records.Member, Endpoint]:
-        prefix = records.srv_prefix(records.cluster_path(self.config.cluster), self.config.zone)
-        watch_id = None
-        try:
-            watch_id = self.etcd.add_watch_prefix_callback(
-                prefix, lambda _event: self._barrier_wake.set()
-            )
-        except Exception as exc:  # the watch is only a wake-up: polling still works
-            log.warning("no etcd watch on %s (%s); polling only", prefix, exc)
+        expected = self.config.members()
+        watch = MembershipWatch(
+            self.etcd, self.config.cluster, self.config.zone, expected, self._barrier_wake
+        )
+        watch.start()
         barrier = Barrier(
             self.dns,
             self.config.zone,
-            self.config.members(),
+            expected,
             check_system_resolver=self.config.check_system_resolver,
             wake=self._barrier_wake,
+            etcd_complete=watch.complete,
         )
         # The lease must be kept alive while we wait: the barrier may outlast it.
         keeper = threading.Thread(
@@ -192,11 +191,7 @@ class Agent:
             self.barrier_passed.set()
             self._nudge.set()
             keeper.join()
-            if watch_id is not None:
-                try:
-                    self.etcd.cancel_watch(watch_id)
-                except Exception as exc:  # the watch dies with the client anyway
-                    log.debug("cancel_watch: %s", exc)
+            watch.stop()
 
     def _configure(self, identity: Identity, members: dict[records.Member, Endpoint]) -> None:
         spec = build_cluster_spec(

@@ -1,10 +1,17 @@
 """Wait until every expected peer resolves through CoreDNS.
 
 One poll is ONE SRV query for ``_tensorflow._tcp.<zone>``: its cost to this
-agent does not grow with the cluster. Polls are woken early by a peer's claim
-(the caller sets ``wake`` from an etcd watch on the membership prefix) and
-otherwise back off from ``interval`` to ``max_interval``, so a lost watch only
-slows the barrier down.
+agent does not grow with the cluster. The barrier is woken by a peer's claim
+(``wake``, set from an etcd watch on the membership prefix) and otherwise
+backs off from ``interval`` to ``max_interval``. When the watch can tell that
+etcd does not hold every member yet (``etcd_complete`` returns False), the
+barrier skips the DNS query, except one every ``max_interval`` as a fallback:
+so each agent asks CoreDNS about once, not once per peer's claim, and a lost
+watch only slows the barrier down. Since every agent learns of the last claim
+at the same moment, each waits a random fraction of ``spread`` (2 ms per
+member, at most 1 s) before asking, so that CoreDNS builds the answer once
+and serves the rest from its one-second cache instead of building it for
+every agent at once.
 
 The barrier passes when the SRV answer lists every expected member, and then
 - unless turned off for hosts whose system resolver does not use CoreDNS -
@@ -16,6 +23,7 @@ complete, so it never caches a denial for a peer that has not registered yet.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
@@ -57,9 +65,12 @@ class Barrier:
         *,
         check_system_resolver: bool = True,
         wake: threading.Event | None = None,
+        etcd_complete: Callable[[], bool] | None = None,
         interval: float = 0.1,
         max_interval: float = 2.0,
         progress_every: float = 10.0,
+        spread: float | None = None,
+        rng: random.Random | None = None,
         resolve: Callable[[str, int], set[str]] = system_resolves,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -68,9 +79,12 @@ class Barrier:
         self.expected = frozenset(expected)
         self.check_system_resolver = check_system_resolver
         self.wake = wake if wake is not None else threading.Event()
+        self.etcd_complete = etcd_complete
         self.interval = interval
         self.max_interval = max_interval
         self.progress_every = progress_every
+        self.spread = min(1.0, 0.002 * len(self.expected)) if spread is None else spread
+        self.rng = rng if rng is not None else random.Random()
         self.resolve = resolve
         self.now = now
         self.polls = 0
@@ -84,13 +98,21 @@ class Barrier:
         deadline = self.now() + timeout
         next_progress = self.now() + self.progress_every
         delay = self.interval
+        last_dns = float("-inf")
+        not_before: float | None = None  # set once etcd holds every member
         missing: list[str] = sorted(m.label for m in self.expected)
         while True:
             self.wake.clear()
-            found, missing = self._poll()
-            if found is not None:
-                log.info("barrier passed: all %d members resolve", len(self.expected))
-                return found
+            now = self.now()
+            if not_before is None and self._worth_asking():
+                not_before = now + self.rng.uniform(0, self.spread)
+            due = not_before is not None and now >= not_before and self._worth_asking()
+            if due or now - last_dns >= self.max_interval:
+                last_dns = now
+                found, missing = self._poll()
+                if found is not None:
+                    log.info("barrier passed: all %d members resolve", len(self.expected))
+                    return found
             now = self.now()
             if now >= deadline:
                 raise BarrierTimeout(timeout, missing)
@@ -100,10 +122,16 @@ class Barrier:
                     len(self.expected) - len(missing), len(self.expected), ", ".join(missing),
                 )  # fmt: skip
                 next_progress = now + self.progress_every
-            woken = self.wake.wait(min(delay, deadline - now))
+            pause = min(delay, deadline - now)
+            if not_before is not None and now < not_before:
+                pause = min(pause, not_before - now)
+            woken = self.wake.wait(pause)
             if stop is not None and stop.is_set():
                 raise InterruptedError("barrier interrupted")
             delay = self.interval if woken else min(delay * 2, self.max_interval)
+
+    def _worth_asking(self) -> bool:
+        return self.etcd_complete is None or self.etcd_complete()
 
     def _poll(self) -> tuple[dict[Member, Endpoint] | None, list[str]]:
         """(all endpoints, []) when the barrier holds, else (None, missing labels)."""

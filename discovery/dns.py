@@ -78,6 +78,9 @@ class DNSClient:
     ``queries_sent`` counts the messages sent to the server (a truncated UDP
     answer followed by the TCP retry counts two) and ``tcp_retries`` the TCP
     retries, so that a benchmark can relate load on CoreDNS to look-ups made.
+    A name whose answer once came back truncated is asked over TCP directly
+    from then on: a large cluster's SRV set never fits in UDP, and asking
+    twice would make CoreDNS build it twice.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class DNSClient:
         self.edns_buffer = edns_buffer
         self.queries_sent = 0
         self.tcp_retries = 0
+        self._tcp_names: set[tuple[str, str]] = set()
 
     def query(self, name: str, qtype: str) -> dnslib.DNSRecord:
         """Ask ``qtype`` (e.g. "A", "SRV") for ``name``; NXDOMAIN is an answer
@@ -99,13 +103,17 @@ class DNSClient:
         request = dnslib.DNSRecord.question(name, qtype)
         if self.edns_buffer is not None:
             request.add_ar(dnslib.EDNS0(udp_len=self.edns_buffer))
-        reply = self._exchange_udp(request, deadline)
-        if reply.header.tc:
-            log.debug("%s %s: truncated over UDP, asking over TCP", qtype, name)
-            self.tcp_retries += 1
+        if (name, qtype) in self._tcp_names:
             reply = self._exchange_tcp(request, deadline)
+        else:
+            reply = self._exchange_udp(request, deadline)
             if reply.header.tc:
-                raise DNSAnswerTooLarge(f"{qtype} {name}: the answer exceeds 64 KiB even over TCP")
+                log.debug("%s %s: truncated over UDP, asking over TCP", qtype, name)
+                self.tcp_retries += 1
+                self._tcp_names.add((name, qtype))
+                reply = self._exchange_tcp(request, deadline)
+        if reply.header.tc:
+            raise DNSAnswerTooLarge(f"{qtype} {name}: the answer exceeds 64 KiB even over TCP")
         rcode = dnslib.RCODE.get(reply.header.rcode)
         if rcode not in ("NOERROR", "NXDOMAIN"):
             raise DNSServerError(name, qtype, str(rcode))

@@ -186,8 +186,8 @@ def _holder(held: list[tuple[bytes, Any]]) -> Holder | None:
         except ValueError:
             continue
         return Holder(
-            str(data.get("owner", "?")), str(data.get("host", "?")), int(data.get("port", 0))
-        )  # type: ignore[call-overload]
+            str(data.get("owner", "?")), str(data.get("host", "?")), str(data.get("port"))
+        )
     return None
 
 

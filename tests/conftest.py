@@ -7,7 +7,6 @@ and are stopped at the end of the session whether tests passed or failed.
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,6 @@ from tfcluster.discovery import records
 TEST_CLUSTER = "test"
 TEST_ZONE = "tensorflow.local"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (and, in practice, for UDP too)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def require_tool(name: str) -> str:
@@ -53,16 +45,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.Stack
     bin_dir = localstack.DEFAULT_BIN
     if not (bin_dir / "etcd").exists() or not (bin_dir / "coredns").exists():
         pytest.fail(f"etcd/coredns missing in {bin_dir}: run 'make setup'")
-    settings = localstack.StackSettings(
-        run_dir=tmp_path_factory.mktemp("stack"),
-        bin_dir=bin_dir,
-        cluster=TEST_CLUSTER,
-        zone=TEST_ZONE,
-        etcd_port=free_port(),
-        etcd_peer_port=free_port(),
-        dns_port=free_port(),
-        health_port=free_port(),
-        ready_port=free_port(),
+    settings = localstack.on_free_ports(
+        tmp_path_factory.mktemp("stack"), bin_dir=bin_dir, cluster=TEST_CLUSTER, zone=TEST_ZONE
     )
     try:
         localstack.up(settings)
@@ -83,8 +67,28 @@ def etcd(stack: localstack.StackSettings) -> Any:
 
 @pytest.fixture
 def clean_cluster(stack: localstack.StackSettings, etcd: Any) -> Iterator[str]:
-    """The test cluster's etcd prefix, empty before and after the test."""
+    """The test cluster's etcd prefix, empty before and after the test.
+
+    CoreDNS caches the membership SRV set for a second; the fixture waits
+    until CoreDNS answers it as empty, so no test sees the previous one's.
+    """
+    from tfcluster.discovery.dns import DNSClient, DNSQueryError
+    from tfcluster.discovery.waiting import wait_for
+
     prefix = records.cluster_path(TEST_CLUSTER) + "/"
     etcd.delete_prefix(prefix)
+    client = DNSClient(stack.dns_server)
+
+    def forgotten() -> bool | None:
+        try:
+            return True if not client.members(TEST_ZONE) else None
+        except DNSQueryError:  # e.g. a cached answer too large for DNS
+            return None
+
+    wait_for(
+        forgotten,
+        what="CoreDNS to forget the previous test's members",
+        timeout=5,
+    )
     yield prefix
     etcd.delete_prefix(prefix)

@@ -264,17 +264,27 @@ def test_dns_cluster_resolver_reads_membership_on_every_call(tf_cluster, etcd):
     assert client.queries_sent == sent + 1
 
     # A member appears (with a hole before it), is replaced at a new address, goes.
+    # CoreDNS caches the membership set for a second, so each change is awaited.
+    def seen(check, what):
+        wait_for(lambda: True if check() else None, what=what, timeout=3, interval=0.1)
+
+    def worker5() -> str | None:
+        try:
+            return resolver.cluster_spec().task_address("worker", 5)
+        except ValueError:
+            return None
+
     extra = Member("worker", 5)
     path = records.cluster_path(TEST_CLUSTER)
     try:
         put_members(etcd, {extra: Endpoint("127.0.0.1", 2300)})
-        assert resolver.cluster_spec().as_dict()["worker"][5] == "127.0.0.1:2300"
+        seen(lambda: worker5() == "127.0.0.1:2300", "worker5 to appear")
         put_members(etcd, {extra: Endpoint("127.0.0.9", 2301)})
-        assert resolver.cluster_spec().task_address("worker", 5) == "127.0.0.9:2301"
+        seen(lambda: worker5() == "127.0.0.9:2301", "worker5's new address")
     finally:
         etcd.delete(records.srv_key(path, TEST_ZONE, extra))
         etcd.delete(records.record_key(path, TEST_ZONE, extra))
-    assert resolver.cluster_spec().as_dict() == tf_cluster.spec
+    seen(lambda: resolver.cluster_spec().as_dict() == tf_cluster.spec, "worker5 to go")
 
     named = tfconfig.make_dns_cluster_resolver(client, TEST_ZONE, "chief", 0)
     assert named.master() == f"grpc://chief0.{TEST_ZONE}:{chief.port}"

@@ -1,0 +1,266 @@
+"""The node provider interface: what `tfcluster up/down/status/ls` need from a cloud.
+
+A provider owns machines ("nodes") and one firewall group per cluster. Every
+resource it creates carries the cluster's name as a tag, so that listing,
+replacing and removing a cluster never depends on local state: the cloud is
+the only record of what exists.
+
+Node lifecycle (EC2's instance states, which other backends imitate)::
+
+    pending --> running --> shutting-down --> terminated
+        \\                        ^
+         `--> stopping --> stopped
+
+* ``launch`` returns nodes in ``pending`` (or already ``running``).
+* ``terminate`` moves every given node towards ``terminated``; the call
+  returns before they get there, ``wait_terminated`` waits.
+* ``terminated`` is final. A terminated node still shows in listings for a
+  while (EC2 keeps it about an hour), so listings leave it out unless asked.
+* ``stopping``/``stopped`` nodes are never created by tfcluster; they are
+  listed (they still cost storage and hold their index) and ``down``
+  terminates them like any other.
+
+Exceptions are named for what the caller does next: fix credentials
+(`CredentialsError`), ask for permissions (`AccessDenied`), ask for a quota or
+launch fewer (`LimitExceeded`), pick another image (`UnknownAMI`) or region
+(`UnknownRegion`), check the network or endpoint (`EndpointUnreachable`), wait
+longer or look at the console (`ProviderTimeout`), or read the wrapped cloud
+error (`LaunchFailed`, plain `ProviderError`). Each message is one line.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+TAG_CLUSTER = "tfcluster:cluster"
+TAG_ROLE = "tfcluster:role"
+TAG_INDEX = "tfcluster:index"
+TAG_ZONE = "tfcluster:zone"
+
+CONTROL_ROLE = "control"
+
+PENDING = "pending"
+RUNNING = "running"
+SHUTTING_DOWN = "shutting-down"
+TERMINATED = "terminated"
+STOPPING = "stopping"
+STOPPED = "stopped"
+LIVE_STATES = (PENDING, RUNNING, SHUTTING_DOWN, STOPPING, STOPPED)
+"""Every state but ``terminated``: what a cluster still holds."""
+
+Progress = Callable[[str], None]
+
+
+def no_progress(_message: str) -> None:
+    """The default progress callback."""
+
+
+class ProviderError(Exception):
+    """A cloud operation failed; the message is one line meant for the operator."""
+
+
+class CredentialsError(ProviderError):
+    """No usable credentials: configure them and run again."""
+
+
+class AccessDenied(ProviderError):
+    """The credentials lack a permission: grant it (the message names the action)."""
+
+
+class LimitExceeded(ProviderError):
+    """An account quota is exhausted: raise it or ask for fewer or smaller nodes."""
+
+
+class UnknownAMI(ProviderError):
+    """The machine image does not exist in this region: pick another."""
+
+
+class UnknownRegion(ProviderError):
+    """No region given, or one the SDK does not know: pass a valid one."""
+
+
+class EndpointUnreachable(ProviderError):
+    """The API endpoint did not answer: check the network or the endpoint URL."""
+
+
+class ProviderTimeout(ProviderError):
+    """Nodes did not reach the awaited state in time; they may still get there."""
+
+
+class LaunchFailed(ProviderError):
+    """A launch failed for another reason; ``code`` holds the cloud's error code."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of a cluster, as the cloud reports it right now.
+
+    ``index`` is the task index: the explicit ``tfcluster:index`` tag of a
+    replacement node, otherwise ``launch_index`` (EC2's ami-launch-index,
+    which counts within one launch call of one role).
+    """
+
+    instance_id: str
+    role: str
+    index: int
+    state: str
+    private_ip: str | None
+    launch_index: int
+    zone: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``worker2``; the control node is ``control0``."""
+        return f"{self.role}{self.index}"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """A TCP port range opened between the cluster's own nodes."""
+
+    from_port: int
+    to_port: int
+    purpose: str
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What every node of one launch shares besides its user-data."""
+
+    image_id: str
+    instance_type: str
+    security_group_id: str
+    subnet_id: str | None = None
+    key_name: str | None = None
+    spot: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """One cluster found by its tags: live nodes per state, firewall groups."""
+
+    name: str
+    states: dict[str, int] = field(default_factory=dict)
+    security_groups: tuple[str, ...] = ()
+
+    @property
+    def live_nodes(self) -> int:
+        return sum(self.states.values())
+
+
+class NodeProvider(abc.ABC):
+    """Nodes and the firewall group of clusters, found by the cluster tag.
+
+    Implementations keep the number of API calls independent of the number
+    of nodes: one launch call per role, listings by tag filter with
+    pagination, waits that poll a listing rather than each node.
+    """
+
+    @abc.abstractmethod
+    def find_security_group(self, cluster: str) -> str | None:
+        """The id of the cluster's group, or None. Changes nothing."""
+
+    @abc.abstractmethod
+    def ensure_security_group(
+        self,
+        cluster: str,
+        ports: Sequence[PortRange],
+        *,
+        ssh_cidr: str | None = None,
+        subnet_id: str | None = None,
+        vpc_id: str | None = None,
+    ) -> tuple[str, bool]:
+        """Create the cluster's group if missing; return ``(group id, created)``.
+
+        Guarantees on return: the group carries the cluster tag from its
+        creation on, and admits TCP on each of ``ports`` only from members of
+        the same group, plus port 22 from ``ssh_cidr`` when one is given.
+        Nothing else is admitted. Missing rules of an existing group are added.
+        A new group goes into ``vpc_id``, or the network of ``subnet_id``, or
+        the default network.
+        """
+
+    @abc.abstractmethod
+    def subnet_in(self, vpc_id: str) -> str:
+        """A subnet of ``vpc_id`` to launch into when the config names only the VPC."""
+
+    @abc.abstractmethod
+    def delete_security_groups(self, cluster: str, *, timeout: float) -> list[str]:
+        """Delete every group tagged for the cluster; return their ids.
+
+        Call it after the nodes are terminated: a group still attached to a
+        network interface cannot be deleted, and the attempt is retried until
+        ``timeout`` (seconds) before `ProviderTimeout`. No group: no-op.
+        """
+
+    @abc.abstractmethod
+    def resolve_image(self, parameter: str) -> str:
+        """The image id that a public parameter (e.g. SSM) names right now."""
+
+    @abc.abstractmethod
+    def check_image(self, image_id: str) -> None:
+        """Raise `UnknownAMI` unless the image exists here and may be launched."""
+
+    @abc.abstractmethod
+    def launch(
+        self,
+        cluster: str,
+        role: str,
+        count: int,
+        user_data: bytes,
+        spec: LaunchSpec,
+        *,
+        index: int | None = None,
+        zone: str | None = None,
+    ) -> list[Node]:
+        """Start ``count`` nodes of one role in ONE call, tagged at creation.
+
+        One call makes the launch index of each node its task index. ``index``
+        (only with ``count == 1``) marks a replacement node that carries its
+        task index explicitly. Either every node starts or `ProviderError` is
+        raised and none does.
+        """
+
+    @abc.abstractmethod
+    def nodes(self, cluster: str, states: Sequence[str] = LIVE_STATES) -> list[Node]:
+        """The cluster's nodes in ``states`` (default: every state but terminated)."""
+
+    @abc.abstractmethod
+    def clusters(self) -> list[ClusterSummary]:
+        """Every cluster that still holds a live node or a firewall group."""
+
+    @abc.abstractmethod
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        """Ask for the nodes to be terminated (not stopped); returns at once."""
+
+    @abc.abstractmethod
+    def wait_running(
+        self,
+        cluster: str,
+        instance_ids: Sequence[str],
+        *,
+        timeout: float,
+        on_progress: Progress = no_progress,
+    ) -> list[Node]:
+        """Wait until every node is running and has a private IP; return them.
+
+        Bounded by ``timeout`` seconds (`ProviderTimeout`); a node that ends
+        up terminated instead raises `LaunchFailed` at once.
+        """
+
+    @abc.abstractmethod
+    def wait_terminated(
+        self,
+        cluster: str,
+        instance_ids: Sequence[str],
+        *,
+        timeout: float,
+        on_progress: Progress = no_progress,
+    ) -> None:
+        """Wait until every node is terminated (or gone); bounded by ``timeout``."""

@@ -1,0 +1,409 @@
+"""`tfcluster up`, `down`, `status`, `ls`: decide from what the cloud holds, then act.
+
+``plan_up`` only reads: it lists the cluster's nodes and firewall group by
+tag and works out what is missing. ``up`` carries the plan out. The cloud's
+tags are the only state, so ``up`` repairs a cluster (one launch per missing
+task, carrying its index explicitly) and is a no-op on a complete one.
+
+Progress goes to an ``on_event(str)`` callback: this module never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tfcluster.cloudinit.config import UBUNTU_AMI_SSM_PARAMETER, ClusterConfig
+from tfcluster.cloudinit.provider import (
+    CONTROL_ROLE,
+    PENDING,
+    RUNNING,
+    TAG_CLUSTER,
+    ClusterSummary,
+    LaunchSpec,
+    Node,
+    NodeProvider,
+    PortRange,
+    Progress,
+    ProviderError,
+    no_progress,
+)
+from tfcluster.cloudinit.userdata import DEFAULT_LAYOUT, control_endpoint, render_user_data
+from tfcluster.discovery.records import ROLES
+
+log = logging.getLogger(__name__)
+
+RUN_TIMEOUT = 600.0
+"""Seconds for launched instances to run (EC2 takes ~30-90 s per batch)."""
+TERMINATE_TIMEOUT = 600.0
+"""Seconds for instances to terminate (EC2 takes ~30-120 s)."""
+GROUP_DELETE_TIMEOUT = 300.0
+"""Seconds for a firewall group to become deletable once its instances are gone."""
+
+DnsCheck = Callable[[str], bool | None]
+"""Whether a DNS name has its record (None: cannot tell)."""
+
+
+class ControlNodeLost(ProviderError):
+    """Task nodes exist but the control node (their etcd) is gone: recreate the cluster."""
+
+
+class UpFailed(ProviderError):
+    """``up`` failed and undid its own changes; ``cause`` is the original error."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch call: ``count`` nodes of ``role``; ``index`` set for a replacement."""
+
+    role: str
+    count: int
+    index: int | None = None
+
+    def describe(self) -> str:
+        if self.index is not None:
+            return f"launch {self.role}{self.index} (replacement, explicit index {self.index})"
+        if self.role == CONTROL_ROLE:
+            return "launch the control node (etcd)"
+        return f"launch {self.role}0..{self.role}{self.count - 1} ({self.count} in one call)"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``up`` found and what it would do about it.
+
+    ``existing`` holds the live (pending/running) nodes that count towards the
+    cluster; ``stale`` the cluster's other non-terminated nodes (stopped, or
+    shutting down), which are replaced but not touched; ``surplus`` live
+    nodes beyond the configured counts, which ``up`` leaves alone.
+    """
+
+    cluster: str
+    security_group: str | None
+    existing: tuple[Node, ...]
+    launches: tuple[Launch, ...]
+    stale: tuple[Node, ...] = ()
+    surplus: tuple[Node, ...] = ()
+    image_id: str | None = None
+    subnet_id: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.security_group is not None and not self.launches
+
+    def describe(self) -> list[str]:
+        """The plan as lines for the operator."""
+        lines = [
+            f"cluster {self.cluster}: {len(self.existing)} live instance(s), "
+            + (
+                f"security group {self.security_group}"
+                if self.security_group
+                else "no security group"
+            )
+        ]
+        if self.security_group is None:
+            lines.append("create the security group")
+        lines.extend(launch.describe() for launch in self.launches)
+        if self.launches and self.image_id:
+            lines.append(f"image {self.image_id}")
+        lines.extend(f"ignore {n.label} {n.instance_id}: {n.state}" for n in self.stale)
+        lines.extend(
+            f"leave {n.label} {n.instance_id} running: beyond the configured count"
+            for n in self.surplus
+        )
+        return lines
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """The cluster after ``up``: every live node and what this run launched."""
+
+    plan: Plan
+    nodes: tuple[Node, ...]
+    launched: tuple[Node, ...] = ()
+    security_group: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.launched) or self.plan.security_group != self.security_group
+
+
+@dataclass(frozen=True)
+class DownResult:
+    terminated: tuple[str, ...]
+    security_groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    node: Node
+    dns_name: str | None
+    dns_present: bool | None = None
+
+
+def dns_name(node: Node, zone: str) -> str | None:
+    """``worker2.<zone>`` for a TensorFlow task; None for the control node."""
+    if node.role not in ROLES:
+        return None
+    return f"{node.role}{node.index}.{zone}"
+
+
+def ingress_ports(config: ClusterConfig) -> list[PortRange]:
+    """The TCP ports the cluster's nodes open to each other.
+
+    DNS needs none: each node's CoreDNS answers on its own loopback and reads
+    etcd over the etcd client port.
+    """
+    ports = [PortRange(config.tf_port, config.tf_port, "tensorflow")]
+    if config.control_node:
+        client, peer = DEFAULT_LAYOUT.etcd_client_port, DEFAULT_LAYOUT.etcd_peer_port
+        ports.append(PortRange(client, client, "etcd client"))
+        ports.append(PortRange(peer, peer, "etcd peer"))
+    return ports
+
+
+def _missing_launches(role: str, wanted: int, live: Sequence[Node]) -> list[Launch]:
+    """One call with count N when a role has no node; else one call per missing index."""
+    present = {n.index for n in live if n.role == role}
+    missing = [i for i in range(wanted) if i not in present]
+    if not missing:
+        return []
+    if len(missing) == wanted:
+        return [Launch(role, wanted)]
+    return [Launch(role, 1, index) for index in missing]
+
+
+def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
+    """Read what the cluster holds and decide what ``up`` launches. Changes nothing.
+
+    Raises `ControlNodeLost` when task nodes exist without their control
+    node: they were configured with the old control node's etcd address, and
+    a new one would split the cluster.
+    """
+    all_nodes = provider.nodes(config.cluster)
+    live = [n for n in all_nodes if n.state in (PENDING, RUNNING)]
+    stale = [n for n in all_nodes if n.state not in (PENDING, RUNNING)]
+    counts = {CONTROL_ROLE: 1 if config.control_node else 0, **config.counts}
+    surplus = [n for n in live if n.index >= counts.get(n.role, 0)]
+    launches: list[Launch] = []
+    for role, wanted in counts.items():
+        launches.extend(_missing_launches(role, wanted, live))
+    has_control = any(n.role == CONTROL_ROLE for n in live)
+    if config.control_node and not has_control and any(n.role in ROLES for n in live):
+        raise ControlNodeLost(
+            f"cluster {config.cluster} has task nodes but no control node; their etcd is "
+            f"gone: run 'tfcluster down --cluster {config.cluster}' and 'up' again"
+        )
+    image_id = None
+    subnet_id = config.subnet_id
+    if launches:
+        image_id = config.ami or provider.resolve_image(UBUNTU_AMI_SSM_PARAMETER)
+        provider.check_image(image_id)
+        if subnet_id is None and config.vpc_id is not None:
+            subnet_id = provider.subnet_in(config.vpc_id)
+    return Plan(
+        cluster=config.cluster,
+        security_group=provider.find_security_group(config.cluster),
+        existing=tuple(live),
+        launches=tuple(launches),
+        stale=tuple(stale),
+        surplus=tuple(surplus),
+        image_id=image_id,
+        subnet_id=subnet_id,
+    )
+
+
+def up(
+    config: ClusterConfig,
+    provider: NodeProvider,
+    *,
+    dry_run: bool = False,
+    on_event: Progress = no_progress,
+    run_timeout: float = RUN_TIMEOUT,
+    terminate_timeout: float = TERMINATE_TIMEOUT,
+) -> UpResult:
+    """Bring the cluster to its configured shape; report each step to ``on_event``.
+
+    Order: security group; the control node, whose private IP goes into
+    every task's user-data as its etcd endpoint; then one launch per role
+    (count N, so the launch index is the task index), or one per missing
+    index when repairing; then one wait until everything runs.
+
+    On failure ``up`` rolls back: it terminates every node of the cluster
+    that was not there when it began (found by tag, so even a launch whose
+    answer was lost is caught), waits for them to terminate, and deletes the
+    security group if none existed before; then raises `UpFailed` saying
+    what failed and what was undone. A cluster is therefore either what it
+    was before or complete, never half-launched; nodes that were already
+    there are never touched. ``dry_run`` reads and reports the plan only.
+    """
+    plan = plan_up(config, provider)
+    for line in plan.describe():
+        on_event(line)
+    if plan.complete:
+        on_event(f"cluster {config.cluster} is complete: nothing to do")
+        return UpResult(plan, plan.existing, security_group=plan.security_group)
+    if dry_run:
+        on_event("dry run: nothing changed")
+        return UpResult(plan, plan.existing, security_group=plan.security_group)
+    try:
+        return _apply(config, provider, plan, on_event, run_timeout)
+    except (Exception, KeyboardInterrupt) as exc:
+        summary = _roll_back(config.cluster, provider, plan, on_event, terminate_timeout)
+        reason = exc if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+        raise UpFailed(f"up failed: {reason}; {summary}", exc) from exc
+
+
+def _apply(
+    config: ClusterConfig,
+    provider: NodeProvider,
+    plan: Plan,
+    on_event: Progress,
+    run_timeout: float,
+) -> UpResult:
+    group_id, created = provider.ensure_security_group(
+        config.cluster,
+        ingress_ports(config),
+        ssh_cidr=config.ssh_cidr,
+        subnet_id=plan.subnet_id,
+        vpc_id=config.vpc_id,
+    )
+    on_event(f"{'created' if created else 'using'} security group {group_id}")
+
+    def launch(item: Launch, etcd: Sequence[str] | None) -> list[Node]:
+        if plan.image_id is None:
+            raise ProviderError("the plan launches nodes but names no image")
+        user_data = render_user_data(
+            config, item.role, index=item.index, etcd_endpoints=list(etcd) if etcd else None
+        )
+        spec = LaunchSpec(
+            image_id=plan.image_id,
+            instance_type=config.instance_type(item.role),
+            security_group_id=group_id,
+            subnet_id=plan.subnet_id,
+            key_name=config.key_name,
+            spot=config.spot_workers and item.role == "worker",
+        )
+        nodes = provider.launch(
+            config.cluster,
+            item.role,
+            item.count,
+            user_data,
+            spec,
+            index=item.index,
+            zone=config.zone,
+        )
+        on_event(f"{item.describe()}: {', '.join(n.instance_id for n in nodes)}")
+        return nodes
+
+    def wait(nodes: Sequence[Node], what: str) -> list[Node]:
+        on_event(f"waiting for {what}")
+        ids = [n.instance_id for n in nodes]
+        return provider.wait_running(config.cluster, ids, timeout=run_timeout, on_progress=on_event)
+
+    launched: list[Node] = []
+    etcd = list(config.etcd_endpoints)
+    if config.control_node:
+        control = [n for n in plan.existing if n.role == CONTROL_ROLE][:1]
+        if not control:
+            control = launch(Launch(CONTROL_ROLE, 1), None)
+            launched.extend(control)
+        ready = wait(control, "the control node's private IP")
+        if ready[0].private_ip is None:
+            raise ProviderError(f"control node {ready[0].instance_id} has no private IP")
+        etcd = [control_endpoint(ready[0].private_ip)]
+    for item in plan.launches:
+        if item.role != CONTROL_ROLE:
+            launched.extend(launch(item, etcd))
+    running = wait(launched, f"{len(launched)} instance(s) to run") if launched else []
+    nodes = sorted([*plan.existing, *running], key=lambda n: (n.role, n.index, n.instance_id))
+    return UpResult(plan, tuple(nodes), tuple(running), group_id)
+
+
+def _roll_back(
+    cluster: str,
+    provider: NodeProvider,
+    plan: Plan,
+    on_event: Progress,
+    timeout: float,
+) -> str:
+    """Return the cluster to what ``plan`` found; say what was undone, in one clause."""
+    before = {n.instance_id for n in (*plan.existing, *plan.stale)}
+    done: list[str] = []
+    try:
+        new = [n.instance_id for n in provider.nodes(cluster) if n.instance_id not in before]
+        if new:
+            on_event(f"rolling back: terminating {len(new)} instance(s) this run launched")
+            provider.terminate(new)
+            provider.wait_terminated(cluster, new, timeout=timeout, on_progress=on_event)
+            done.append(f"terminated {len(new)} instance(s) it launched")
+        if plan.security_group is None:
+            groups = provider.delete_security_groups(cluster, timeout=GROUP_DELETE_TIMEOUT)
+            if groups:
+                done.append(f"deleted security group {', '.join(groups)}")
+    except ProviderError as exc:
+        log.debug("roll back failed", exc_info=True)
+        return (
+            f"roll back incomplete ({exc}): run 'tfcluster down --cluster {cluster}' "
+            "to remove what is left"
+        )
+    if not done:
+        return "nothing to roll back"
+    return "rolled back: " + ", ".join(done)
+
+
+def down(
+    cluster: str,
+    provider: NodeProvider,
+    *,
+    on_event: Progress = no_progress,
+    timeout: float = TERMINATE_TIMEOUT,
+) -> DownResult:
+    """Terminate every instance tagged for ``cluster``, wait, delete its security groups.
+
+    Idempotent: with nothing tagged for the cluster it changes nothing and
+    says so. Terminates rather than stops: a stopped instance still costs
+    its disk and keeps the group in use.
+    """
+    ids = [n.instance_id for n in provider.nodes(cluster)]
+    if ids:
+        on_event(f"terminating {len(ids)} instance(s) of cluster {cluster}")
+        provider.terminate(ids)
+        provider.wait_terminated(cluster, ids, timeout=timeout, on_progress=on_event)
+    groups = provider.delete_security_groups(cluster, timeout=GROUP_DELETE_TIMEOUT)
+    if groups:
+        on_event(f"deleted security group {', '.join(groups)}")
+    if not ids and not groups:
+        on_event(f"nothing to remove: no instance or security group has {TAG_CLUSTER}={cluster}")
+    return DownResult(tuple(ids), tuple(groups))
+
+
+def status(
+    cluster: str,
+    provider: NodeProvider,
+    *,
+    zone: str | None = None,
+    dns_check: DnsCheck | None = None,
+) -> list[StatusRow]:
+    """Every non-terminated node of the cluster, with its DNS name.
+
+    ``zone`` defaults to the zone each node was tagged with at launch.
+    ``dns_check`` (None: unknown) tells whether a name's record is present.
+    """
+    rows = []
+    for node in provider.nodes(cluster):
+        node_zone = zone or node.zone
+        name = dns_name(node, node_zone) if node_zone else None
+        present = dns_check(name) if dns_check is not None and name is not None else None
+        rows.append(StatusRow(node, name, present))
+    return rows
+
+
+def list_clusters(provider: NodeProvider) -> list[ClusterSummary]:
+    """Every cluster in the region with a live instance or a security group left."""
+    return provider.clusters()

@@ -1,0 +1,368 @@
+"""What an instance receives as user-data: a MIME multipart of a small
+cloud-config (packages) and one bash script (templates/user-data.sh.j2) that
+does everything else, so the local cloud can run the same script alone.
+
+Every file the script writes is rendered here, on the operator's side, and
+embedded in the script; the only value the instance adds itself is the
+control node's private address, which etcd advertises.
+
+The Corefile has no ``.`` block (no upstreams): systemd-resolved sends only
+the cluster zone to CoreDNS (a routing-only domain in its drop-in) and every
+other name to the VPC resolver as before, so CoreDNS never sees other names
+and a forwarder would only add a second path for them.
+
+EC2 limits user-data to 16384 bytes before base64. Above that the multipart
+is gzip-compressed (cloud-init detects gzip); above that again it is an error.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import ipaddress
+import json
+import logging
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from typing import Any
+
+from tfcluster.cloudinit.config import INSTANCE_ROLES, ClusterConfig, etcd_endpoint
+from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
+from tfcluster.cloudinit.templating import render
+
+log = logging.getLogger(__name__)
+
+USER_DATA_LIMIT = 16384
+ETCD_CLIENT_PORT = 2379
+_EOF = "TFCLUSTER_EOF"
+
+
+class RenderError(ValueError):
+    """The requested user-data cannot be rendered (role, index, endpoints)."""
+
+
+class UserDataTooLarge(RenderError):
+    """Even gzip-compressed, the user-data exceeds EC2's 16384 bytes."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things go on an instance and which commands the script calls.
+
+    The defaults are an EC2 instance's; the local cloud gives each simulated
+    instance its own directories, IMDS emulator and service manager command.
+    """
+
+    install_dir: str = "/opt/tfcluster"
+    config_dir: str = "/etc/tfcluster"
+    state_dir: str = "/var/lib/tfcluster"
+    unit_dir: str = "/etc/systemd/system"
+    resolved_dropin: str = "/etc/systemd/resolved.conf.d/tfcluster.conf"
+    nsswitch: str = "/etc/nsswitch.conf"
+    imds_endpoint: str = "http://169.254.169.254"
+    tf_config_path: str = "/run/tfcluster/tf_config.json"
+    service_user: str = "tfcluster"
+    python: str = "python3"
+    systemctl: str = "systemctl"
+    dns_bind: str = "127.0.0.1"
+    dns_port: int = 5353
+    health_addr: str = "127.0.0.1:8080"
+    ready_addr: str = "127.0.0.1:8181"
+    etcd_client_port: int = ETCD_CLIENT_PORT
+    etcd_peer_port: int = 2380
+
+    @property
+    def bin_dir(self) -> str:
+        return f"{self.install_dir}/bin"
+
+    @property
+    def venv_dir(self) -> str:
+        return f"{self.install_dir}/venv"
+
+    @property
+    def agent_config(self) -> str:
+        return f"{self.config_dir}/agent.json"
+
+
+DEFAULT_LAYOUT = Layout()
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the multipart: what ``tfcluster render`` shows."""
+
+    filename: str
+    content_type: str
+    content: str
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    mode: str
+    content: str
+
+
+def control_endpoint(private_ip: str, layout: Layout = DEFAULT_LAYOUT) -> str:
+    """The etcd client URL of a control node launched with this user-data."""
+    address = ipaddress.ip_address(private_ip)
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{layout.etcd_client_port}"
+
+
+def render_user_data(
+    config: ClusterConfig,
+    role: str,
+    index: int | None = None,
+    etcd_endpoints: Sequence[str] | None = None,
+    layout: Layout = DEFAULT_LAYOUT,
+) -> bytes:
+    """The exact bytes to pass as RunInstances' UserData (before base64)."""
+    parts = render_parts(config, role, index, etcd_endpoints, layout)
+    plain = _multipart(parts)
+    if len(plain) <= USER_DATA_LIMIT:
+        return plain
+    packed = gzip.compress(plain, mtime=0)
+    log.debug("user-data for %s is %d bytes, %d gzip-compressed", role, len(plain), len(packed))
+    if len(packed) > USER_DATA_LIMIT:
+        raise UserDataTooLarge(
+            f"user-data for {role} is {len(packed)} bytes even gzip-compressed "
+            f"({len(plain)} plain); EC2 accepts at most {USER_DATA_LIMIT}"
+        )
+    return packed
+
+
+def render_parts(
+    config: ClusterConfig,
+    role: str,
+    index: int | None = None,
+    etcd_endpoints: Sequence[str] | None = None,
+    layout: Layout = DEFAULT_LAYOUT,
+) -> tuple[Part, ...]:
+    """The cloud-config and the script of one instance, readable.
+
+    ``role`` is ``control`` (the etcd node) or a TensorFlow role; ``index`` is
+    an explicit task index for a replacement instance (None: the agent uses
+    its ami-launch-index). ``etcd_endpoints`` defaults to the config's; with
+    ``etcd: control-node`` the task roles need the control node's
+    ``control_endpoint(private_ip)`` here.
+    """
+    _check_role_and_index(config, role, index)
+    control = role == "control"
+    endpoints = _endpoints(config, role, etcd_endpoints, layout)
+    ctx = {"role": role, "cluster": config.cluster, "zone": config.zone}
+    packages = ["curl"] if control else ["curl", "python3-venv"]
+    files = _files(config, role, index, endpoints, layout)
+    services = ("etcd", "coredns") if control else ("coredns", "agent")
+    script = render(
+        "user-data.sh.j2",
+        **ctx,
+        control=control,
+        variables=_script_variables(config, role, layout),
+        files=files,
+        eof=_EOF,
+        units=[f"tfcluster-{name}.service" for name in services],
+    )
+    return (
+        Part(
+            "cloud-config.yaml",
+            "text/cloud-config",
+            render("cloud-config.yaml.j2", **ctx, packages=packages),
+        ),
+        Part(f"tfcluster-{role}.sh", "text/x-shellscript", script),
+    )
+
+
+def _check_role_and_index(config: ClusterConfig, role: str, index: int | None) -> None:
+    if role not in INSTANCE_ROLES:
+        raise RenderError(f"role: must be one of {', '.join(INSTANCE_ROLES)}, got {role!r}")
+    if role == "control":
+        if not config.control_node:
+            raise RenderError("role: control exists only with etcd: control-node")
+        if index is not None:
+            raise RenderError("index: the control node has no task index")
+        return
+    count = config.counts[role]
+    if count == 0:
+        raise RenderError(f"role: this cluster has no {role} (count 0)")
+    if index is not None and not 0 <= index < count:
+        raise RenderError(f"index: must be 0..{count - 1} for {role}, got {index}")
+
+
+def _endpoints(
+    config: ClusterConfig, role: str, given: Sequence[str] | None, layout: Layout
+) -> tuple[str, ...]:
+    if role == "control":
+        if given:
+            raise RenderError("etcd_endpoints: the control node runs etcd itself; give none")
+        return (f"http://127.0.0.1:{layout.etcd_client_port}",)
+    if given is None:
+        given = config.etcd_endpoints
+    if not given:
+        raise RenderError(
+            f"etcd_endpoints: required for {role} with etcd: control-node "
+            "(the control node's private address, known once it is launched)"
+        )
+    try:
+        return tuple(etcd_endpoint("etcd_endpoints", url) for url in given)
+    except ValueError as exc:
+        raise RenderError(str(exc)) from None
+
+
+def _script_variables(config: ClusterConfig, role: str, layout: Layout) -> list[tuple[str, str]]:
+    """The shell variables at the top of the script, quoted; only those the role uses."""
+    values: dict[str, Any] = {
+        "bin_dir": layout.bin_dir,
+        "service_user": layout.service_user,
+        "nsswitch": layout.nsswitch,
+        "systemctl": layout.systemctl,
+        "coredns_url": config.artifacts["coredns"].url,
+        "coredns_sha256": config.artifacts["coredns"].sha256,
+    }
+    if role == "control":
+        values |= {
+            "etcd_url": config.artifacts["etcd"].url,
+            "etcd_sha256": config.artifacts["etcd"].sha256,
+            "etcd_env": _etcd_env(layout),
+            "etcd_data_dir": _etcd_data_dir(layout),
+            "etcd_client_port": layout.etcd_client_port,
+            "imds": layout.imds_endpoint,
+        }
+    else:
+        values |= {
+            "python": layout.python,
+            "venv_dir": layout.venv_dir,
+            "agent_package": config.agent_package,
+        }
+    return [(name, shlex.quote(str(value))) for name, value in values.items()]
+
+
+def _etcd_env(layout: Layout) -> str:
+    return f"{layout.config_dir}/etcd.env"
+
+
+def _etcd_data_dir(layout: Layout) -> str:
+    return f"{layout.state_dir}/etcd"
+
+
+def _files(
+    config: ClusterConfig,
+    role: str,
+    index: int | None,
+    endpoints: tuple[str, ...],
+    layout: Layout,
+) -> list[_File]:
+    control = role == "control"
+    corefile = f"{layout.config_dir}/Corefile"
+    common = {
+        "cluster": config.cluster,
+        "zone": config.zone,
+        "role": role,
+        "control": control,
+        "bin_dir": layout.bin_dir,
+        "dns_bind": layout.dns_bind,
+        "dns_port": layout.dns_port,
+        "service_user": layout.service_user,
+    }
+    settings = CorefileSettings(
+        cluster=config.cluster,
+        zone=config.zone,
+        etcd_endpoints=endpoints,
+        dns_bind=layout.dns_bind,
+        dns_port=layout.dns_port,
+        ready_addr=layout.ready_addr,
+        health_addr=layout.health_addr,
+        record_ttl=config.record_ttl,
+    )
+    files = [
+        _File(corefile, "0644", render_corefile(settings)),
+        _File(layout.resolved_dropin, "0644", render("resolved.conf.j2", **common)),
+        _File(
+            f"{layout.unit_dir}/tfcluster-coredns.service",
+            "0644",
+            render("tfcluster-coredns.service.j2", **common, corefile=corefile),
+        ),
+    ]
+    if control:
+        etcd = {
+            "etcd_env": _etcd_env(layout),
+            "etcd_data_dir": _etcd_data_dir(layout),
+            "etcd_client_port": layout.etcd_client_port,
+            "etcd_peer_port": layout.etcd_peer_port,
+        }
+        files += [
+            _File(_etcd_env(layout), "0644", render("etcd.env.j2", **common, **etcd)),
+            _File(
+                f"{layout.unit_dir}/tfcluster-etcd.service",
+                "0644",
+                render("tfcluster-etcd.service.j2", **common, **etcd),
+            ),
+        ]
+    else:
+        agent = agent_config(config, role, index, endpoints, layout)
+        files += [
+            _File(layout.agent_config, "0644", json.dumps(agent, indent=2) + "\n"),
+            _File(
+                f"{layout.unit_dir}/tfcluster-agent.service",
+                "0644",
+                render(
+                    "tfcluster-agent.service.j2",
+                    **common,
+                    venv_dir=layout.venv_dir,
+                    agent_config=layout.agent_config,
+                ),
+            ),
+        ]
+    for file in files:
+        if _EOF in file.content.splitlines() or not file.content.endswith("\n"):
+            raise RenderError(f"{file.path}: cannot be embedded in the script as a here-document")
+    return [_File(shlex.quote(file.path), file.mode, file.content) for file in files]
+
+
+def agent_config(
+    config: ClusterConfig,
+    role: str,
+    index: int | None,
+    endpoints: Sequence[str],
+    layout: Layout = DEFAULT_LAYOUT,
+) -> dict[str, Any]:
+    """The agent's /etc/tfcluster/agent.json (keys as the agent reads them)."""
+    result: dict[str, Any] = {
+        "cluster": config.cluster,
+        "zone": config.zone,
+        "roles": config.counts,
+        "role": role,
+    }
+    if index is not None:
+        result["index"] = index
+    result |= {
+        "tf_port": config.tf_port,
+        "etcd_endpoints": list(endpoints),
+        "dns_server": f"{layout.dns_bind}:{layout.dns_port}",
+        "imds_endpoint": layout.imds_endpoint,
+        "lease_ttl": config.lease_ttl,
+        "record_ttl": config.record_ttl,
+        "tf_config_path": layout.tf_config_path,
+    }
+    if role == "chief" and config.program is not None:
+        result["program"] = list(config.program)
+    return result
+
+
+def _multipart(parts: Sequence[Part]) -> bytes:
+    """A MIME multipart/mixed as cloud-init reads it; byte-for-byte stable for
+    the same parts (the boundary is derived from their content)."""
+    digest = hashlib.sha256("".join(p.content for p in parts).encode()).hexdigest()[:32]
+    message = EmailMessage(policy=default_policy.clone(linesep="\n", max_line_length=0))
+    message["MIME-Version"] = "1.0"
+    message.make_mixed(boundary=f"==tfcluster-{digest}==")
+    for part in parts:
+        sub = EmailMessage(policy=message.policy)
+        subtype = part.content_type.split("/", 1)[1]
+        sub.set_content(part.content, subtype=subtype, cte="8bit")
+        sub.add_header("Content-Disposition", "attachment", filename=part.filename)
+        message.attach(sub)
+    return message.as_bytes()

@@ -1,0 +1,489 @@
+"""User-data: the exact bytes decode to the parts `tfcluster render` shows, the
+outside checkers accept them (cloud-init schema, shellcheck, systemd-analyze),
+and the script itself runs: against file:// downloads, the IMDS emulator and a
+recording stand-in for systemctl, all inside a temporary folder."""
+
+from __future__ import annotations
+
+import email
+import gzip
+import json
+import os
+import pwd
+import random
+import re
+import stat
+import subprocess
+import tarfile
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import require_tool
+from tfcluster.cloudinit.cli import main
+from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
+from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
+from tfcluster.cloudinit.imds_emulator import IMDSEmulator, InstanceMetadata
+from tfcluster.cloudinit.userdata import (
+    USER_DATA_LIMIT,
+    Layout,
+    RenderError,
+    UserDataTooLarge,
+    control_endpoint,
+    render_parts,
+    render_user_data,
+)
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+ETCD = ["http://10.0.0.5:2379"]
+TASKS = [("chief", None), ("ps", 1), ("worker", None), ("worker", 2)]
+SCRIPT_TIMEOUT = 60  # seconds for one run of the user-data script in the sandbox
+TOOL_TIMEOUT = 60
+
+
+def make_config(**overrides: Any) -> ClusterConfig:
+    base = {
+        "cluster": "demo",
+        "ps": 2,
+        "workers": 3,
+        "artifacts.coredns.sha256": SHA_A,
+        "artifacts.etcd.sha256": SHA_B,
+    }
+    return load_cluster_config(None, {**base, **overrides})
+
+
+def decode(data: bytes) -> Message:
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return email.message_from_bytes(data)
+
+
+def leaves(message: Message) -> list[tuple[str, str, str]]:
+    assert message.get_content_type() == "multipart/mixed"
+    found = []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        found.append((part.get_content_type(), part.get_filename() or "", payload.decode()))
+    return found
+
+
+def embedded_files(script: str) -> dict[str, str]:
+    """The here-documents the script writes: path -> content."""
+    pattern = re.compile(
+        r"^write_file (\S+) \d+ <<'TFCLUSTER_EOF'\n(.*?)^TFCLUSTER_EOF$", re.S | re.M
+    )
+    return {path: content for path, content in pattern.findall(script)}
+
+
+def script_of(config: ClusterConfig, role: str, **kwargs: Any) -> str:
+    return render_parts(config, role, **kwargs)[1].content
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, **kwargs)
+
+
+# --- the bytes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("role", "index"), [("control", None), *TASKS])
+def test_user_data_decodes_to_the_rendered_parts(role, index):
+    config = make_config()
+    endpoints = None if role == "control" else ETCD
+    data = render_user_data(config, role, index, endpoints)
+    parts = render_parts(config, role, index, endpoints)
+    assert len(data) <= USER_DATA_LIMIT
+    assert leaves(decode(data)) == [(p.content_type, p.filename, p.content) for p in parts]
+    assert [p.content_type for p in parts] == ["text/cloud-config", "text/x-shellscript"]
+    assert parts[0].content.startswith("#cloud-config\n")
+    assert parts[1].content.startswith("#!/bin/bash\n")
+    assert render_user_data(config, role, index, endpoints) == data  # stable bytes
+
+
+@pytest.mark.parametrize(("role", "index"), TASKS)
+def test_agent_config_has_role_index_and_endpoints(role, index):
+    config = make_config(program="python3 train.py --epochs 3")
+    files = embedded_files(script_of(config, role, index=index, etcd_endpoints=ETCD))
+    agent = json.loads(files["/etc/tfcluster/agent.json"])
+    assert agent["cluster"] == "demo" and agent["zone"] == "tensorflow.local"
+    assert agent["roles"] == {"chief": 1, "ps": 2, "worker": 3}
+    assert agent["role"] == role
+    assert agent.get("index") == index and (("index" in agent) == (index is not None))
+    assert agent["etcd_endpoints"] == ETCD
+    assert agent["dns_server"] == "127.0.0.1:5353"
+    assert (agent["tf_port"], agent["lease_ttl"], agent["record_ttl"]) == (2222, 10, 5)
+    if role == "chief":
+        assert agent["program"] == ["python3", "train.py", "--epochs", "3"]
+    else:
+        assert "program" not in agent
+
+
+def test_each_role_gets_its_files_and_services():
+    config = make_config()
+    control = script_of(config, "control")
+    worker = script_of(config, "worker", etcd_endpoints=ETCD)
+    assert set(embedded_files(control)) == {
+        "/etc/tfcluster/Corefile",
+        "/etc/systemd/resolved.conf.d/tfcluster.conf",
+        "/etc/systemd/system/tfcluster-coredns.service",
+        "/etc/tfcluster/etcd.env",
+        "/etc/systemd/system/tfcluster-etcd.service",
+    }
+    assert set(embedded_files(worker)) == {
+        "/etc/tfcluster/Corefile",
+        "/etc/systemd/resolved.conf.d/tfcluster.conf",
+        "/etc/systemd/system/tfcluster-coredns.service",
+        "/etc/tfcluster/agent.json",
+        "/etc/systemd/system/tfcluster-agent.service",
+    }
+    assert "enable --now tfcluster-etcd.service tfcluster-coredns.service\n" in control
+    assert "enable --now tfcluster-coredns.service tfcluster-agent.service\n" in worker
+    assert 'pip" install' in worker and 'pip" install' not in control
+    assert "etcd_sha256=" in control and "etcd_sha256=" not in worker
+
+
+def test_corefile_and_resolver_point_at_each_other():
+    config = make_config(zone="ml.example.local")
+    files = embedded_files(script_of(config, "ps", etcd_endpoints=ETCD))
+    expected = CorefileSettings(
+        cluster="demo", zone="ml.example.local", etcd_endpoints=tuple(ETCD), dns_port=5353
+    )
+    assert files["/etc/tfcluster/Corefile"] == render_corefile(expected)
+    assert ".:" not in files["/etc/tfcluster/Corefile"]  # no catch-all block: zone only
+    resolved = files["/etc/systemd/resolved.conf.d/tfcluster.conf"]
+    assert "\nDNS=127.0.0.1:5353\n" in resolved
+    assert "\nDomains=~ml.example.local\n" in resolved
+    control = embedded_files(script_of(config, "control"))
+    assert "endpoint http://127.0.0.1:2379\n" in control["/etc/tfcluster/Corefile"]
+
+
+def test_agent_unit_runs_the_agent_and_stops_it_with_sigterm():
+    unit = embedded_files(script_of(make_config(), "worker", etcd_endpoints=ETCD))[
+        "/etc/systemd/system/tfcluster-agent.service"
+    ]
+    assert (
+        "ExecStart=/opt/tfcluster/venv/bin/tfcluster agent --config /etc/tfcluster/agent.json\n"
+        in unit
+    )
+    for line in ("KillSignal=SIGTERM", "Restart=on-failure", "After=network-online.target"):
+        assert f"\n{line}" in unit
+
+
+def test_large_user_data_is_gzip_compressed():
+    program = "python3 train.py " + " ".join(f"--flag{i % 10} value" for i in range(2000))
+    config = make_config(program=program)
+    data = render_user_data(config, "chief", etcd_endpoints=ETCD)
+    assert data[:2] == b"\x1f\x8b"
+    assert len(gzip.decompress(data)) > USER_DATA_LIMIT >= len(data)
+    parts = render_parts(config, "chief", etcd_endpoints=ETCD)
+    assert leaves(decode(data)) == [(p.content_type, p.filename, p.content) for p in parts]
+
+
+def test_user_data_beyond_the_limit_is_an_error():
+    noise = random.Random(0)
+    program = "train " + " ".join(f"{noise.getrandbits(64):016x}" for _ in range(4000))
+    with pytest.raises(UserDataTooLarge, match=r"even gzip-compressed .* at most 16384"):
+        render_user_data(make_config(program=program), "chief", etcd_endpoints=ETCD)
+
+
+@pytest.mark.parametrize(
+    ("config_overrides", "role", "kwargs", "message"),
+    [
+        ({}, "gpu", {}, "role: must be one of control, chief, ps, worker"),
+        ({}, "worker", {"index": 3, "etcd_endpoints": ETCD}, "index: must be 0..2 for worker"),
+        ({}, "control", {"index": 0}, "index: the control node has no task index"),
+        ({}, "control", {"etcd_endpoints": ETCD}, "etcd_endpoints: the control node runs etcd"),
+        ({}, "ps", {}, "etcd_endpoints: required for ps with etcd: control-node"),
+        ({}, "ps", {"etcd_endpoints": ["10.0.0.5"]}, "etcd_endpoints: an etcd endpoint must"),
+        ({"chief": 0}, "chief", {"etcd_endpoints": ETCD}, "role: this cluster has no chief"),
+        ({"etcd": ETCD}, "control", {}, "role: control exists only with etcd: control-node"),
+    ],
+)
+def test_impossible_requests_are_render_errors(config_overrides, role, kwargs, message):
+    with pytest.raises(RenderError) as error:
+        render_user_data(make_config(**config_overrides), role, **kwargs)
+    assert str(error.value).startswith(message)
+
+
+def test_external_etcd_endpoints_come_from_the_config():
+    config = make_config(etcd=["https://etcd.internal:2379"])
+    agent = json.loads(embedded_files(script_of(config, "worker"))["/etc/tfcluster/agent.json"])
+    assert agent["etcd_endpoints"] == ["https://etcd.internal:2379"]
+
+
+def test_control_endpoint_formats_the_private_address():
+    assert control_endpoint("10.0.1.23") == "http://10.0.1.23:2379"
+    assert control_endpoint("fd00::5") == "http://[fd00::5]:2379"
+    with pytest.raises(ValueError):
+        control_endpoint("ip-10-0-1-23")
+
+
+# --- outside checkers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["control", "worker"])
+def test_cloud_config_passes_cloud_init_schema(tmp_path, role):
+    cloud_init = require_tool("cloud-init")
+    endpoints = None if role == "control" else ETCD
+    part = render_parts(make_config(), role, etcd_endpoints=endpoints)[0]
+    good = tmp_path / "cloud-config.yaml"
+    good.write_text(part.content)
+    result = run([cloud_init, "schema", "--config-file", str(good)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The checker really checks: the same document with a wrong type fails.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(part.content.split("packages:")[0] + "packages: 5\n")
+    assert run([cloud_init, "schema", "--config-file", str(bad)]).returncode != 0
+
+
+@pytest.mark.parametrize(("role", "index"), [("control", None), *TASKS])
+def test_script_passes_shellcheck(tmp_path, role, index):
+    shellcheck = require_tool("shellcheck")
+    endpoints = None if role == "control" else ETCD
+    script = tmp_path / "user-data.sh"
+    script.write_text(script_of(make_config(), role, index=index, etcd_endpoints=endpoints))
+    result = run([shellcheck, "--shell=bash", "--severity=style", str(script)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the script, run ---------------------------------------------------------------------
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Sandbox:
+    """One simulated instance's file system under ``root``, with stand-ins for
+    the two commands that would change this machine: systemctl (records its
+    arguments) and python (makes a venv whose pip records its arguments)."""
+
+    def __init__(self, root: Path, imds_url: str) -> None:
+        self.root = root
+        self.calls = root / "systemctl.log"
+        systemctl = executable(root / "tools/systemctl", f'#!/bin/sh\necho "$*" >> {self.calls}\n')
+        python = executable(
+            root / "tools/python",
+            "#!/bin/sh\n"
+            '[ "$1 $2" = "-m venv" ] || exit 2\n'
+            'mkdir -p "$3/bin"\n'
+            'printf \'#!/bin/sh\\necho "$*" > %s/pip.log\\n\' "$3" > "$3/bin/pip"\n'
+            "printf '#!/bin/sh\\n' > \"$3/bin/tfcluster\"\n"
+            'chmod +x "$3/bin/pip" "$3/bin/tfcluster"\n',
+        )
+        self.nsswitch = root / "etc/nsswitch.conf"
+        self.nsswitch.parent.mkdir(parents=True)
+        self.nsswitch.write_text(
+            "passwd: files\nhosts: files mdns4_minimal [NOTFOUND=return] dns\nnetworks: files\n"
+        )
+        self.layout = Layout(
+            install_dir=str(root / "opt"),
+            config_dir=str(root / "etc/tfcluster"),
+            state_dir=str(root / "var/lib/tfcluster"),
+            unit_dir=str(root / "units"),
+            resolved_dropin=str(root / "etc/resolved.conf.d/tfcluster.conf"),
+            nsswitch=str(self.nsswitch),
+            imds_endpoint=imds_url,
+            tf_config_path=str(root / "run/tf_config.json"),
+            service_user=pwd.getpwuid(os.getuid()).pw_name,
+            python=str(python),
+            systemctl=str(systemctl),
+        )
+
+    def artifacts(self) -> dict[str, Any]:
+        """A bare coredns executable and an etcd release-style tarball, as file:// URLs."""
+        coredns = executable(self.root / "dl/coredns", "#!/bin/sh\necho coredns\n")
+        release = self.root / "dl/etcd-v3.7.3-linux-amd64"
+        for name in ("etcd", "etcdctl", "etcdutl"):
+            executable(release / name, f"#!/bin/sh\necho {name}\n")
+        tarball = self.root / "dl/etcd.tar.gz"
+        with tarfile.open(tarball, "w:gz") as tar:
+            tar.add(release, arcname=release.name)
+        return {
+            "artifacts.coredns.url": coredns.as_uri(),
+            "artifacts.coredns.sha256": sha256(coredns),
+            "artifacts.etcd.url": tarball.as_uri(),
+            "artifacts.etcd.sha256": sha256(tarball),
+        }
+
+    def run(
+        self, config: ClusterConfig, role: str, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        script = self.root / f"{role}.sh"
+        script.write_text(script_of(config, role, layout=self.layout, **kwargs))
+        return subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, timeout=SCRIPT_TIMEOUT
+        )
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+@pytest.fixture
+def imds():
+    metadata = InstanceMetadata(
+        launch_index=0, local_ipv4="127.0.0.9", instance_id="i-0123456789abcdef0"
+    )
+    with IMDSEmulator(metadata) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def sandbox(tmp_path, imds) -> Sandbox:
+    for tool in ("curl", "sha256sum", "tar", "bash"):
+        require_tool(tool)
+    return Sandbox(tmp_path, imds.url)
+
+
+def test_control_script_installs_and_starts_etcd_and_coredns(sandbox):
+    config = make_config(**sandbox.artifacts())
+    result = sandbox.run(config, "control")
+    assert result.returncode == 0, result.stderr
+    for name in ("coredns", "etcd", "etcdctl"):
+        binary = sandbox.path(f"opt/bin/{name}")
+        assert os.access(binary, os.X_OK)
+        assert run([str(binary)]).stdout == f"{name}\n"
+    env = sandbox.path("etc/tfcluster/etcd.env").read_text()
+    assert "\nETCD_ADVERTISE_CLIENT_URLS=http://127.0.0.9:2379\n" in env  # from IMDSv2
+    assert f"\nETCD_DATA_DIR={sandbox.path('var/lib/tfcluster/etcd')}\n" in env
+    assert sandbox.path("var/lib/tfcluster/etcd").is_dir()
+    assert sandbox.calls.read_text().splitlines() == [
+        "restart systemd-resolved.service",
+        "daemon-reload",
+        "enable --now tfcluster-etcd.service tfcluster-coredns.service",
+    ]
+    assert sandbox.nsswitch.read_text() == "passwd: files\nhosts: files dns\nnetworks: files\n"
+    assert sandbox.path("etc/resolved.conf.d/tfcluster.conf").exists()
+
+
+def test_worker_script_installs_the_agent_and_writes_its_config(sandbox):
+    config = make_config(agent_package="tfcluster[tf]==0.1.0", **sandbox.artifacts())
+    result = sandbox.run(config, "worker", index=1, etcd_endpoints=ETCD)
+    assert result.returncode == 0, result.stderr
+    pip = sandbox.path("opt/venv/pip.log").read_text().split()
+    assert pip[-1] == "tfcluster[tf]==0.1.0" and pip[0] == "install"
+    agent = json.loads(sandbox.path("etc/tfcluster/agent.json").read_text())
+    assert (agent["role"], agent["index"], agent["etcd_endpoints"]) == ("worker", 1, ETCD)
+    assert agent["imds_endpoint"] == sandbox.layout.imds_endpoint
+    assert not sandbox.path("opt/bin/etcd").exists()
+    assert sandbox.calls.read_text().splitlines()[-1] == (
+        "enable --now tfcluster-coredns.service tfcluster-agent.service"
+    )
+
+
+def test_script_refuses_a_download_with_the_wrong_checksum(sandbox):
+    artifacts = {**sandbox.artifacts(), "artifacts.coredns.sha256": SHA_A}
+    result = sandbox.run(make_config(**artifacts), "control")
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout + result.stderr
+    assert not sandbox.path("opt/bin/coredns").exists()
+    assert not sandbox.calls.exists()  # nothing was started
+
+
+def test_units_pass_systemd_analyze_verify(sandbox):
+    analyze = require_tool("systemd-analyze")
+    probe = sandbox.path("probe/tfcluster-probe.service")
+    probe.parent.mkdir()
+    probe.write_text("[Unit]\nDescription=probe\n\n[Service]\nExecStart=/bin/true\n")
+    tried = run([analyze, "verify", str(probe)])
+    if tried.returncode != 0 or tried.stderr.strip():
+        pytest.skip(f"systemd-analyze verify cannot run here: {tried.stderr.strip()}")
+    config = make_config(**sandbox.artifacts())
+    assert sandbox.run(config, "control").returncode == 0
+    assert sandbox.run(config, "worker", etcd_endpoints=ETCD).returncode == 0
+    units = sorted(sandbox.path("units").glob("*.service"))
+    assert [u.name for u in units] == [
+        "tfcluster-agent.service",
+        "tfcluster-coredns.service",
+        "tfcluster-etcd.service",
+    ]
+    result = run([analyze, "verify", *map(str, units)])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    # The checker really checks: a misspelt key is reported.
+    broken = sandbox.path("probe/tfcluster-agent.service")
+    broken.write_text(units[0].read_text().replace("KillSignal=", "KilSignal="))
+    assert "Unknown key" in run([analyze, "verify", str(broken)]).stderr
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "tfcluster.yaml"
+    path.write_text(
+        "cluster: demo\nps: 2\nworkers: 3\n"
+        f"artifacts:\n  coredns: {{sha256: '{SHA_A}'}}\n  etcd: {{sha256: '{SHA_B}'}}\n" + extra
+    )
+    return path
+
+
+def test_render_prints_the_readable_parts(tmp_path):
+    path = write_config(tmp_path)
+    argv = ["render", "--config", str(path), "--role", "ps", "--index", "1"]
+    result = CliRunner().invoke(main, [*argv, "--etcd-endpoint", ETCD[0]])
+    assert result.exit_code == 0, result.output
+    parts = render_parts(make_config(), "ps", 1, ETCD)
+    for part in parts:
+        assert part.content in result.stdout
+    assert "# ---- part 1/2: text/cloud-config (cloud-config.yaml)" in result.stdout
+    assert "# ---- part 2/2: text/x-shellscript (tfcluster-ps.sh)" in result.stdout
+
+
+def test_render_raw_writes_the_exact_bytes(tmp_path):
+    path = write_config(tmp_path, "program: python3 train.py " + "--x y " * 3000 + "\n")
+    argv = ["render", "--config", str(path), "--role", "chief", "--raw"]
+    result = CliRunner().invoke(main, [*argv, "--etcd-endpoint", ETCD[0]])
+    assert result.exit_code == 0
+    config = load_cluster_config(path, {})
+    assert result.stdout_bytes == render_user_data(config, "chief", etcd_endpoints=ETCD)
+    assert result.stdout_bytes[:2] == b"\x1f\x8b"
+
+
+def test_render_set_overrides_the_file(tmp_path):
+    argv = ["render", "--config", str(write_config(tmp_path)), "--role", "worker"]
+    result = CliRunner().invoke(main, [*argv, "--set", "etcd=[http://10.9.9.9:2379]"])
+    assert result.exit_code == 0, result.output
+    assert '"http://10.9.9.9:2379"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra_yaml", "argv", "message"),
+    [
+        ("wokers: 2\n", ["--role", "worker"], "Error: wokers: unknown key"),
+        ("", ["--role", "worker"], "Error: etcd_endpoints: required for worker"),
+        ("", ["--role", "worker", "--index", "5", "--etcd-endpoint", ETCD[0]], "Error: index:"),
+    ],
+)
+def test_render_errors_are_one_line_with_exit_code_2(tmp_path, extra_yaml, argv, message):
+    path = write_config(tmp_path, extra_yaml)
+    result = CliRunner().invoke(main, ["render", "--config", str(path), *argv])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(message)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_render_too_large_is_one_line_with_exit_code_2(tmp_path):
+    noise = random.Random(1)
+    program = "train " + " ".join(f"{noise.getrandbits(64):016x}" for _ in range(4000))
+    path = write_config(tmp_path, f"program: {program}\n")
+    argv = ["render", "--config", str(path), "--role", "chief", "--etcd-endpoint", ETCD[0]]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2
+    assert re.match(r"Error: user-data for chief is \d+ bytes even gzip-compressed", result.stderr)
