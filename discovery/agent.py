@@ -174,7 +174,7 @@ class Agent:
             expected,
             check_system_resolver=self.config.check_system_resolver,
             wake=self._barrier_wake,
-            etcd_complete=watch.complete,
+            etcd_missing=watch.missing,
         )
         # The lease must be kept alive while we wait: the barrier may outlast it.
         keeper = threading.Thread(

@@ -3,11 +3,12 @@
 One poll is ONE SRV query for ``_tensorflow._tcp.<zone>``: its cost to this
 agent does not grow with the cluster. The barrier is woken by a peer's claim
 (``wake``, set from an etcd watch on the membership prefix) and otherwise
-backs off from ``interval`` to ``max_interval``. When the watch can tell that
-etcd does not hold every member yet (``etcd_complete`` returns False), the
-barrier skips the DNS query, except one every ``max_interval`` as a fallback:
-so each agent asks CoreDNS about once, not once per peer's claim, and a lost
-watch only slows the barrier down. Since every agent learns of the last claim
+backs off from ``interval`` to ``max_interval``. While the watch can tell that
+etcd does not hold every member yet (``etcd_missing`` names someone), the
+barrier does not ask CoreDNS at all: each agent asks about once, not once per
+peer's claim, and never caches an incomplete set in CoreDNS for the others.
+A broken watch names nobody, so the barrier falls back to polling DNS.
+Since every agent learns of the last claim
 at the same moment, each waits a random fraction of ``spread`` (2 ms per
 member, at most 1 s) before asking, so that CoreDNS builds the answer once
 and serves the rest from its one-second cache instead of building it for
@@ -65,7 +66,7 @@ class Barrier:
         *,
         check_system_resolver: bool = True,
         wake: threading.Event | None = None,
-        etcd_complete: Callable[[], bool] | None = None,
+        etcd_missing: Callable[[], list[str]] | None = None,
         interval: float = 0.1,
         max_interval: float = 2.0,
         progress_every: float = 10.0,
@@ -79,7 +80,7 @@ class Barrier:
         self.expected = frozenset(expected)
         self.check_system_resolver = check_system_resolver
         self.wake = wake if wake is not None else threading.Event()
-        self.etcd_complete = etcd_complete
+        self.etcd_missing = etcd_missing
         self.interval = interval
         self.max_interval = max_interval
         self.progress_every = progress_every
@@ -98,17 +99,17 @@ class Barrier:
         deadline = self.now() + timeout
         next_progress = self.now() + self.progress_every
         delay = self.interval
-        last_dns = float("-inf")
         not_before: float | None = None  # set once etcd holds every member
         missing: list[str] = sorted(m.label for m in self.expected)
         while True:
             self.wake.clear()
             now = self.now()
-            if not_before is None and self._worth_asking():
+            absent_in_etcd = self.etcd_missing() if self.etcd_missing is not None else []
+            if not_before is None and not absent_in_etcd:
                 not_before = now + self.rng.uniform(0, self.spread)
-            due = not_before is not None and now >= not_before and self._worth_asking()
-            if due or now - last_dns >= self.max_interval:
-                last_dns = now
+            if absent_in_etcd:
+                missing = absent_in_etcd
+            elif not_before is not None and now >= not_before:
                 found, missing = self._poll()
                 if found is not None:
                     log.info("barrier passed: all %d members resolve", len(self.expected))
@@ -129,9 +130,6 @@ class Barrier:
             if stop is not None and stop.is_set():
                 raise InterruptedError("barrier interrupted")
             delay = self.interval if woken else min(delay * 2, self.max_interval)
-
-    def _worth_asking(self) -> bool:
-        return self.etcd_complete is None or self.etcd_complete()
 
     def _poll(self) -> tuple[dict[Member, Endpoint] | None, list[str]]:
         """(all endpoints, []) when the barrier holds, else (None, missing labels)."""

@@ -5,7 +5,7 @@ the moment a peer claims (or loses) a name. ``MembershipWatch`` wakes the
 barrier on every change and keeps the set of members etcd holds, so the
 barrier asks CoreDNS only when etcd holds every expected member, instead of
 once per peer event. A broken watch stream (etcd restarted) is not trusted:
-``complete`` then answers True and the barrier falls back to polling DNS.
+``missing`` then names nobody and the barrier falls back to polling DNS.
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ class MembershipWatch:
             self._broken = False
         self.wake.set()
 
-    def complete(self) -> bool:
-        """True when etcd holds every expected member, or when the watch cannot tell."""
+    def missing(self) -> list[str]:
+        """Expected members etcd does not hold; empty also when the watch cannot tell."""
         with self._lock:
-            return self._broken or self.expected <= self._present
+            if self._broken:
+                return []
+            return sorted(member.label for member in self.expected - self._present)
 
     def stop(self) -> None:
         if self._watch_id is not None:

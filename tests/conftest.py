@@ -7,7 +7,7 @@ and are stopped at the end of the session whether tests passed or failed.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ import pytest
 
 from tfcluster.cloudinit import localstack
 from tfcluster.discovery import records
+from tfcluster.discovery.dns import Endpoint
+from tfcluster.discovery.records import Member
 
 TEST_CLUSTER = "test"
 TEST_ZONE = "tensorflow.local"
@@ -37,6 +39,15 @@ def pinned_version(go_mod: str, module: str) -> str:
         if module in parts:
             return parts[parts.index(module) + 1].lstrip("v")
     raise AssertionError(f"{module} not pinned in {go_mod}")
+
+
+def put_members(etcd: Any, members: Mapping[Member, Endpoint], lease: Any = None) -> None:
+    """Register members as the agent does: address record and SRV view entry."""
+    path = records.cluster_path(TEST_CLUSTER)
+    for member, endpoint in members.items():
+        value = records.record_value(endpoint.host_ip, endpoint.port, ttl=5)
+        etcd.put(records.record_key(path, TEST_ZONE, member), value, lease=lease)
+        etcd.put(records.srv_key(path, TEST_ZONE, member), value, lease=lease)
 
 
 @pytest.fixture(scope="session")

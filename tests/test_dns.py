@@ -5,27 +5,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import dnslib
 import pytest
 
-from conftest import TEST_CLUSTER, TEST_ZONE
+from conftest import TEST_CLUSTER, TEST_ZONE, put_members
 from tfcluster.discovery import dns, records
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.records import Member
 
 TIMEOUT = 2.0
-
-
-def put_members(etcd: Any, members: Mapping[Member, Endpoint]) -> None:
-    """Register members as the agent does: address record and SRV view entry."""
-    path = records.cluster_path(TEST_CLUSTER)
-    for member, endpoint in members.items():
-        value = records.record_value(endpoint.host_ip, endpoint.port, ttl=5)
-        etcd.put(records.record_key(path, TEST_ZONE, member), value)
-        etcd.put(records.srv_key(path, TEST_ZONE, member), value)
 
 
 @pytest.fixture

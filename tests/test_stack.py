@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Any
 
 import dnslib
 import pytest
 
-from conftest import TEST_ZONE, pinned_version, require_tool
+from conftest import TEST_ZONE, pinned_version, put_members, require_tool
 from tfcluster.cloudinit.localstack import StackSettings
 from tfcluster.discovery import records
+from tfcluster.discovery.dns import Endpoint
 
 TIMEOUT = 2.0
 
@@ -24,15 +24,8 @@ def ask(stack: StackSettings, name: str, qtype: str) -> dnslib.DNSRecord:
     return dnslib.DNSRecord.parse(reply)
 
 
-def put_member(etcd: Any, member: records.Member, ip: str, port: int, lease: Any = None) -> None:
-    path = records.cluster_path("test")
-    value = records.record_value(ip, port, ttl=5)
-    etcd.put(records.record_key(path, TEST_ZONE, member), value, lease=lease)
-    etcd.put(records.srv_key(path, TEST_ZONE, member), value, lease=lease)
-
-
 def test_a_record_resolves_with_dnslib_and_dig(stack, etcd, clean_cluster):
-    put_member(etcd, records.Member("ps", 0), "127.0.10.1", 2222)
+    put_members(etcd, {records.Member("ps", 0): Endpoint("127.0.10.1", 2222)})
     reply = ask(stack, "ps0.tensorflow.local", "A")
     assert dnslib.RCODE[reply.header.rcode] == "NOERROR"
     assert [str(rr.rdata) for rr in reply.rr] == ["127.0.10.1"]
@@ -55,7 +48,7 @@ def test_one_srv_query_lists_every_member_with_its_port(stack, etcd, clean_clust
         records.Member("worker", 1): ("127.0.10.5", 2226),
     }
     for member, (ip, port) in members.items():
-        put_member(etcd, member, ip, port)
+        put_members(etcd, {member: Endpoint(ip, port)})
     reply = ask(stack, records.srv_name(TEST_ZONE), "SRV")
     glue = {str(rr.rname): str(rr.rdata) for rr in reply.ar if rr.rtype == dnslib.QTYPE.A}
     seen = {}
@@ -80,7 +73,7 @@ def test_name_outside_the_zone_is_refused_without_upstream(stack):
 
 def test_revoked_lease_removes_the_name(stack, etcd, clean_cluster):
     lease = etcd.lease(30)
-    put_member(etcd, records.Member("worker", 3), "127.0.10.9", 2222, lease=lease)
+    put_members(etcd, {records.Member("worker", 3): Endpoint("127.0.10.9", 2222)}, lease=lease)
     assert [str(rr.rdata) for rr in ask(stack, "worker3.tensorflow.local", "A").rr] == [
         "127.0.10.9"
     ]

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_dns import put_members
 
-from conftest import TEST_CLUSTER, TEST_ZONE
+from conftest import TEST_CLUSTER, TEST_ZONE, put_members
 from tfcluster.discovery import records, tfconfig
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.etcdclient import child_environment

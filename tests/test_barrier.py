@@ -1,0 +1,89 @@
+"""The barrier against the real CoreDNS: what it waits for, and what it costs."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from conftest import TEST_ZONE, put_members
+from tfcluster.discovery.barrier import Barrier, BarrierTimeout
+from tfcluster.discovery.dns import DNSClient, Endpoint
+from tfcluster.discovery.records import Member, parse_label
+
+CLUSTER = {
+    Member("ps", 0): Endpoint("127.0.40.1", 2222),
+    Member("worker", 0): Endpoint("127.0.40.2", 2223),
+    Member("worker", 1): Endpoint("127.0.40.3", 2224),
+}
+
+
+def barrier(stack, **kw) -> Barrier:
+    kw.setdefault("check_system_resolver", False)
+    kw.setdefault("interval", 0.02)
+    kw.setdefault("max_interval", 0.1)
+    return Barrier(DNSClient(stack.dns_server), TEST_ZONE, CLUSTER, **kw)
+
+
+def test_passes_with_every_endpoint_from_one_srv_query(stack, etcd, clean_cluster):
+    put_members(etcd, CLUSTER)
+    b = barrier(stack)
+    assert b.wait(timeout=5) == CLUSTER
+    assert b.dns.queries_sent == 1
+
+
+def test_timeout_names_the_missing_peers(stack, etcd, clean_cluster):
+    put_members(etcd, {Member("ps", 0): CLUSTER[Member("ps", 0)]})
+    with pytest.raises(BarrierTimeout, match=re.escape("still missing: worker0, worker1")):
+        barrier(stack).wait(timeout=0.5)
+
+
+def test_system_resolver_must_agree_before_passing(stack, etcd, clean_cluster):
+    put_members(etcd, CLUSTER)
+    asked: list[str] = []
+
+    def resolve(name: str, port: int) -> set[str]:
+        asked.append(name)
+        if len(asked) <= len(CLUSTER):  # the first round: the system resolver lags
+            return set()
+        member = parse_label(name.split(".")[0])
+        return {CLUSTER[member].host_ip} if member else set()
+
+    b = barrier(stack, check_system_resolver=True, resolve=resolve)
+    assert b.wait(timeout=5) == CLUSTER
+    assert b.polls == 2
+    assert sorted(set(asked)) == sorted(m.name(TEST_ZONE) for m in CLUSTER)
+
+
+def test_no_dns_query_while_etcd_lacks_a_member(stack, etcd, clean_cluster):
+    put_members(etcd, CLUSTER)
+    absent = ["worker1"]
+    wake = threading.Event()
+    b = barrier(stack, wake=wake, etcd_missing=lambda: list(absent), spread=0)
+    passed: list[dict] = []
+    waiter = threading.Thread(target=lambda: passed.append(b.wait(timeout=10)))
+    waiter.start()
+    try:
+        # Wake the barrier several times while etcd "lacks" worker1; the pause
+        # only gives its thread the chance to go round (no readiness to await).
+        for _ in range(5):
+            wake.set()
+            time.sleep(0.05)
+        assert b.dns.queries_sent == 0
+    finally:
+        absent.clear()
+        wake.set()
+        waiter.join(timeout=10)
+    assert passed == [CLUSTER]
+    assert b.dns.queries_sent == 1
+
+
+def test_stop_interrupts_the_wait(stack, clean_cluster):
+    stop = threading.Event()
+    stop.set()
+    wake = threading.Event()
+    wake.set()
+    with pytest.raises(InterruptedError):
+        barrier(stack, wake=wake).wait(timeout=10, stop=stop)
