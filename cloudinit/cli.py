@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -129,11 +129,20 @@ def down(cluster: str, region: str | None, yes: bool, endpoint_url: str | None) 
 @click.option("--cluster", required=True, help="Cluster to show.")
 @_region_option
 @_endpoint_option
-def status(cluster: str, region: str | None, endpoint_url: str | None) -> None:
+@click.option(
+    "--etcd",
+    "etcd_endpoint",
+    help="the cluster's etcd, http://HOST:2379 (reachable from here), to show whether "
+    "each DNS record is present",
+)
+def status(
+    cluster: str, region: str | None, endpoint_url: str | None, etcd_endpoint: str | None
+) -> None:
     """One line per instance of the cluster, with its DNS name."""
+    dns_check = _record_check(cluster, etcd_endpoint) if etcd_endpoint is not None else None
     with _one_line_errors():
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
-        rows = provision.status(cluster, provider)
+        rows = provision.status(cluster, provider, dns_check=dns_check)
     if not rows:
         click.echo(f"cluster {cluster}: no instances")
         return
@@ -156,6 +165,27 @@ def status(cluster: str, region: str | None, endpoint_url: str | None) -> None:
             ],
         )
     )
+
+
+def _record_check(cluster: str, endpoint: str) -> Callable[[str], bool | None]:
+    """Whether etcd holds a name's record: one read per zone; None if etcd fails."""
+    from tfcluster.discovery import etcdclient
+    from tfcluster.discovery.registry import RegistryError, held_names
+
+    held: dict[str, set[str] | None] = {}
+
+    def check(name: str) -> bool | None:
+        zone = name.split(".", 1)[1]
+        if zone not in held:
+            try:
+                held[zone] = held_names(etcdclient.connect(endpoint), cluster, zone)
+            except (ValueError, RegistryError) as exc:
+                click.echo(f"warning: DNS records unknown: {exc}", err=True)
+                held[zone] = None
+        names = held[zone]
+        return None if names is None else name in names
+
+    return check
 
 
 @main.command(name="ls")

@@ -179,6 +179,18 @@ def list_records(client: Any, cluster: str, zone: str) -> list[tuple[str, dict[s
     return sorted(result, key=lambda item: item[0])
 
 
+def held_names(client: Any, cluster: str, zone: str) -> set[str]:
+    """The member names whose address record etcd holds now (one range read)."""
+    path = records.cluster_path(cluster)
+    names = set()
+    for key, _value in list_records(client, cluster, zone):
+        label = key[len(records.zone_prefix(path, zone)) :].split("/")[0]
+        member = records.parse_label(label)
+        if member is not None and key == records.record_key(path, zone, member):
+            names.add(member.name(zone))
+    return names
+
+
 def _holder(held: list[tuple[bytes, Any]]) -> Holder | None:
     for value, _meta in held:
         try:

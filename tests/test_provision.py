@@ -43,6 +43,7 @@ from tfcluster.cloudinit.provider import (
     UnknownAMI,
 )
 from tfcluster.cloudinit.userdata import control_endpoint, render_user_data
+from tfcluster.discovery import records
 
 REGION = "us-east-1"
 CLUSTER = "demo"
@@ -465,6 +466,24 @@ def test_up_status_ls_through_the_cli(ec2: Any, config_file: Path) -> None:
 
     assert run_cli("down", "--cluster", CLUSTER, "--yes").exit_code == 0
     assert "no clusters" in run_cli("ls").stdout
+
+
+def test_status_shows_which_dns_records_etcd_holds(
+    ec2: Any, config_file: Path, stack, etcd
+) -> None:
+    assert run_cli("up", "--config", str(config_file)).exit_code == 0
+    prefix = records.cluster_path(CLUSTER) + "/"
+    value = records.record_value("10.0.0.9", 2222, ttl=5)
+    try:
+        etcd.put(records.record_key(prefix[:-1], ZONE, records.Member("worker", 1)), value)
+        status = run_cli("status", "--cluster", CLUSTER, "--etcd", stack.etcd_endpoint)
+    finally:
+        etcd.delete_prefix(prefix)
+    assert status.exit_code == 0, status.output
+    cells = {tuple(r.split()[1:3]): r.split()[-1] for r in status.stdout.splitlines()[1:]}
+    assert cells[("worker", "1")] == "present"
+    assert cells[("worker", "0")] == "missing"
+    assert cells[("ps", "0")] == "missing"
 
 
 # -- failures -----------------------------------------------------------------------
