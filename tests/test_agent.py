@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 
@@ -194,3 +195,47 @@ def test_bad_identity_exits_nonzero_and_writes_nothing(
     assert "Traceback" not in agent.log()
     assert list(etcd.get_prefix(clean_cluster)) == []
     assert not agent.tf_config_path.exists()
+
+
+@pytest.mark.tf
+def test_agents_start_tensorflow_and_the_chief_trains(stack, clean_cluster, agents, tmp_path):
+    """1 chief, 1 ps, 2 workers, each agent on its own loopback address, servers
+    started by the agents themselves; the chief trains from the TF_CONFIG its agent
+    wrote (addresses: the host's own resolver does not know the zone)."""
+    roles = {"chief": 1, "ps": 1, "worker": 2}
+    base = _free_port_block(4)
+    chief = None
+    for n, (role, index) in enumerate([("chief", 0), ("ps", 0), ("worker", 0), ("worker", 1)]):
+        agent = make_agent(
+            tmp_path, stack, role=role, launch_index=index, ip=f"127.0.35.{n + 1}",
+            roles=roles, tf_port=base, tf_config_addresses="ips", barrier_timeout=120,
+        )  # fmt: skip
+        agents.append(agent)
+        agent.start(no_server=False)
+        chief = chief or agent
+    assert chief is not None
+    assert chief.wait_exit(240) == 0, chief.log()
+    losses = [float(line.split()[-1]) for line in chief.log().splitlines() if " loss " in line]
+    print(f"\nchief losses: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} reports)")
+    assert len(losses) >= 2 and losses[-1] < losses[0] / 2
+    for agent in agents[1:]:
+        agent.signal(signal.SIGTERM)
+        assert agent.wait_exit(30) == 0, agent.log()
+
+
+def _free_port_block(count: int) -> int:
+    """A base port such that base .. base+count-1 are free on every address."""
+    for _ in range(50):
+        base = free_port()
+        if base + count < 65536 and all(_tcp_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no block of free ports")
+
+
+def _tcp_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
