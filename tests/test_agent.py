@@ -13,7 +13,7 @@ from conftest import require_tool
 from harness import AgentProcess, make_agent
 from tfcluster.cloudinit import daemons, localstack
 from tfcluster.cloudinit.localstack import free_port
-from tfcluster.discovery import dns
+from tfcluster.discovery import dns, records
 from tfcluster.discovery.registry import list_records
 from tfcluster.discovery.waiting import wait_for
 
@@ -124,6 +124,26 @@ def test_record_leaves_dns_after_kill_and_after_sigterm(stack, clean_cluster, ag
     assert after_kill <= 4 + 1
     assert after_term < 1.0
     assert stopped.wait_exit(10) == 0
+
+
+def test_agent_claims_again_when_its_lease_is_lost(stack, etcd, clean_cluster, agents, tmp_path):
+    agent = launch(agents, tmp_path, stack, "worker", 1, "127.0.37.1")
+    name = "worker1.tensorflow.local"
+    wait_for(lambda: dns.resolve_a(stack.dns_server, name) or None, what=name, timeout=30)
+    key = records.record_key(
+        records.cluster_path(stack.cluster), stack.zone, records.Member("worker", 1)
+    )
+    _, meta = etcd.get(key)
+    etcd.revoke_lease(meta.lease_id)  # as if it had expired while etcd was cut off
+    assert dns.resolve_a(stack.dns_server, name) == []
+    # Keepalive runs every lease_ttl/3 (4/3 s here); the next one claims again.
+    wait_for(
+        lambda: dns.resolve_a(stack.dns_server, name) or None, what="the claim again", timeout=5
+    )
+    _, again = etcd.get(key)
+    assert again.lease_id != meta.lease_id
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert "claimed worker1 again" in agent.log()
 
 
 @pytest.fixture
