@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -63,6 +64,27 @@ _endpoint_option = click.option(
     envvar="TFCLUSTER_ENDPOINT_URL",
     help="EC2 API endpoint instead of AWS's, e.g. a moto server.",
 )
+_local_option = click.option(
+    "--local",
+    is_flag=True,
+    help="The local cloud: moto as the EC2 API, instances booted on this machine (root).",
+)
+LOCAL_CLUSTER = "local"
+
+
+def _local_cluster(cluster: str | None, local: bool, endpoint_url: str | None) -> str:
+    """The cluster name: ``local`` by default with --local, required without."""
+    if local and endpoint_url is not None:
+        raise click.UsageError("--local runs its own EC2 API; --endpoint-url does not apply")
+    if cluster is None and not local:
+        raise click.UsageError("Missing option '--cluster' (or give --local).")
+    return cluster or LOCAL_CLUSTER
+
+
+def _local_cloud(cluster: str, loopback: bool | None = None) -> Any:
+    from tfcluster.cloudinit.localcloud.cloud import LocalCloud
+
+    return LocalCloud(cluster, loopback=loopback)
 
 
 @main.command()
@@ -81,6 +103,18 @@ _endpoint_option = click.option(
               help="Override a config key (dotted for nested keys).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @_endpoint_option
+@_local_option
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    help="With --local: the chief trains the built-in model for this many steps.",
+)
+@click.option(
+    "--loopback",
+    is_flag=True,
+    help="With --local: each instance on a 127.77.0.x address instead of a network "
+    "namespace (no root needed; the default when namespaces are not available).",
+)
 def up(
     config_path: Path | None,
     cluster: str | None,
@@ -90,31 +124,98 @@ def up(
     settings: tuple[str, ...],
     dry_run: bool,
     endpoint_url: str | None,
+    local: bool,
+    steps: int | None,
+    loopback: bool,
 ) -> None:
-    """Launch the cluster, or the part of it that is missing."""
+    """Launch the cluster, or the part of it that is missing.
+
+    With --local, moto plays EC2 and every instance runs its own user-data
+    on this machine; the command returns once every agent passed its barrier.
+    """
+    if steps is not None and not local:
+        raise click.UsageError("--steps applies to --local only (set 'program' in the config)")
+    if loopback and not local:
+        raise click.UsageError("--loopback applies to --local only")
     with _one_line_errors():
         overrides = parse_overrides(settings)
         named = {"cluster": cluster, "region": region, "workers": workers, "ps": ps}
         overrides.update({key: value for key, value in named.items() if value is not None})
+        if local:
+            _up_local(config_path, overrides, endpoint_url, dry_run, steps, loopback)
+            return
         config = load_cluster_config(config_path, overrides)
         provider = Ec2Provider(config.region, endpoint_url=endpoint_url)
         result = provision.up(config, provider, dry_run=dry_run, on_event=_progress)
+    _print_nodes(result, config.zone)
+
+
+def _print_nodes(result: provision.UpResult, zone: str) -> None:
     rows = [
-        (n.instance_id, n.role, n.index, n.private_ip, provision.dns_name(n, config.zone))
+        (n.instance_id, n.role, n.index, n.private_ip, provision.dns_name(n, zone))
         for n in result.nodes
     ]
     if rows:
         click.echo(_table(("INSTANCE", "ROLE", "INDEX", "PRIVATE IP", "DNS NAME"), rows))
 
 
+def _up_local(
+    config_path: Path | None,
+    overrides: dict[str, Any],
+    endpoint_url: str | None,
+    dry_run: bool,
+    steps: int | None,
+    loopback: bool,
+) -> None:
+    """``up --local``: the same provisioning against moto, then boot, barrier, DNS table."""
+    from tfcluster.cloudinit.localcloud.cloud import training_program
+
+    if config_path is not None:
+        raise click.UsageError("--local takes its settings from options, not --config")
+    if overrides.pop("region", None) is not None:
+        raise click.UsageError("--local runs its own EC2 API; --region does not apply")
+    cluster = _local_cluster(overrides.pop("cluster", None), True, endpoint_url)
+    cloud = _local_cloud(cluster, True if loopback else None)
+    if loopback and cloud.mode != "loopback":
+        raise click.UsageError(f"local cluster {cluster} runs in {cloud.mode} mode; down it first")
+    if steps is not None:
+        overrides["program"] = training_program(steps)
+    _progress(f"starting the local cloud for cluster {cloud.cluster} ({cloud.mode} mode)")
+    config = cloud.prepare(overrides)
+    result = cloud.up(config, on_event=_progress, dry_run=dry_run)
+    _print_nodes(result, config.zone)
+    if dry_run:
+        return
+    entries = cloud.dns_table()
+    click.echo("\nDNS, as the cluster's CoreDNS answers on the chief:")
+    click.echo(_table(("NAME", "ADDRESS", "PORT"), [(e.name, e.address, e.port) for e in entries]))
+    chief = cloud.find("chief0")
+    if chief is not None:
+        click.echo(f"\nchief log (training output): {cloud.agent_log(chief)}")
+
+
 @main.command()
-@click.option("--cluster", required=True, help="Cluster to remove.")
+@click.option("--cluster", help="Cluster to remove (with --local: default 'local').")
 @_region_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_endpoint_option
-def down(cluster: str, region: str | None, yes: bool, endpoint_url: str | None) -> None:
-    """Terminate every instance of the cluster and delete its security group."""
+@_local_option
+def down(
+    cluster: str | None, region: str | None, yes: bool, endpoint_url: str | None, local: bool
+) -> None:
+    """Terminate every instance of the cluster and delete its security group.
+
+    With --local, also remove every process, namespace, interface and file
+    the local cloud made for the cluster (after a crash too).
+    """
+    cluster = _local_cluster(cluster, local, endpoint_url)
     with _one_line_errors():
+        if local:
+            if not yes:
+                click.confirm(f"Remove local cluster {cluster} and everything it runs?", abort=True)
+            removed = _local_cloud(cluster).down(on_event=_progress)
+            click.echo(f"removed {len(removed)} item(s)" if removed else "nothing to remove")
+            return
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
         if not yes:
             click.confirm(
@@ -126,7 +227,7 @@ def down(cluster: str, region: str | None, yes: bool, endpoint_url: str | None) 
 
 
 @main.command()
-@click.option("--cluster", required=True, help="Cluster to show.")
+@click.option("--cluster", help="Cluster to show (with --local: default 'local').")
 @_region_option
 @_endpoint_option
 @click.option(
@@ -135,10 +236,19 @@ def down(cluster: str, region: str | None, yes: bool, endpoint_url: str | None) 
     help="the cluster's etcd, http://HOST:2379 (reachable from here), to show whether "
     "each DNS record is present",
 )
+@_local_option
 def status(
-    cluster: str, region: str | None, endpoint_url: str | None, etcd_endpoint: str | None
+    cluster: str | None,
+    region: str | None,
+    endpoint_url: str | None,
+    etcd_endpoint: str | None,
+    local: bool,
 ) -> None:
     """One line per instance of the cluster, with its DNS name."""
+    cluster = _local_cluster(cluster, local, endpoint_url)
+    if local:
+        _status_local(cluster)
+        return
     dns_check = _record_check(cluster, etcd_endpoint) if etcd_endpoint is not None else None
     with _one_line_errors():
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
@@ -186,6 +296,34 @@ def _record_check(cluster: str, endpoint: str) -> Callable[[str], bool | None]:
         return None if names is None else name in names
 
     return check
+
+
+def _status_local(cluster: str) -> None:
+    with _one_line_errors():
+        rows = _local_cloud(cluster).status()
+    if not rows:
+        click.echo(f"local cluster {cluster}: no instances booted")
+        return
+    headers = ("INSTANCE", "ROLE", "INDEX", "STATE", "PRIVATE IP", "NAMESPACE", "PROCESSES",
+               "BARRIER")  # fmt: skip
+    click.echo(
+        _table(
+            headers,
+            [
+                (
+                    r.instance_id,
+                    r.node.role if r.node else None,
+                    r.node.index if r.node else None,
+                    r.node.state if r.node else "unknown to EC2",
+                    r.node.private_ip if r.node else None,
+                    r.namespace,
+                    r.processes,
+                    {True: "passed", False: "waiting", None: None}[r.barrier_passed],
+                )
+                for r in rows
+            ],
+        )
+    )
 
 
 @main.command(name="ls")

@@ -30,6 +30,9 @@ The file (every key optional except ``cluster``)::
     lease_ttl: 10                    # seconds an instance's names outlive it
     record_ttl: 5                    # DNS TTL of each record
     program: null                    # chief only: the training command, e.g. "python3 train.py"
+    layout: {}                       # where things go on an instance: fields of
+                                     #   userdata.Layout, e.g. {dns_port: 53}; the
+                                     #   local cloud sets it, EC2 needs none
 
 Overrides (the command line's ``--set``) use the same keys, dotted for nested
 ones: ``workers``, ``instance_types.worker``, ``artifacts.coredns.sha256``.
@@ -44,7 +47,7 @@ import ipaddress
 import re
 import shlex
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -88,7 +91,7 @@ _KEYS: dict[str, Any] = {
     "spot_workers": None, "etcd": None,
     "artifacts": {"coredns": _ARTIFACT_KEYS, "etcd": _ARTIFACT_KEYS},
     "agent_package": None, "tf_port": None, "lease_ttl": None, "record_ttl": None,
-    "program": None,
+    "program": None, "layout": None,
 }  # fmt: skip
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -138,6 +141,7 @@ class ClusterConfig:
     lease_ttl: int
     record_ttl: int
     program: tuple[str, ...] | None
+    layout: Mapping[str, str | int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def control_node(self) -> bool:
@@ -283,6 +287,7 @@ def _build(raw: Mapping[str, Any]) -> ClusterConfig:
         lease_ttl=_integer(raw, "lease_ttl", 10, 2, 3600),
         record_ttl=_integer(raw, "record_ttl", 5, 1, 3600),
         program=program,
+        layout=MappingProxyType(_layout(raw.get("layout"))),
     )
 
 
@@ -412,6 +417,24 @@ def _agent_package(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or not value.isprintable():
         raise ConfigError(f"agent_package: must be a pip requirement on one line, got {value!r}")
     return value.strip()
+
+
+def _layout(value: Any) -> dict[str, str | int]:
+    """Overrides of `userdata.Layout` fields, each of the field's own type."""
+    from tfcluster.cloudinit.userdata import DEFAULT_LAYOUT  # userdata imports this module
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"layout: must be a mapping, got {_kind(value)}")
+    known = {f.name: type(getattr(DEFAULT_LAYOUT, f.name)) for f in fields(DEFAULT_LAYOUT)}
+    for key, item in value.items():
+        if key not in known:
+            raise ConfigError(_unknown(f"layout.{key}", str(key), known))
+        kind = known[key]
+        if isinstance(item, bool) != (kind is bool) or not isinstance(item, kind):
+            raise ConfigError(f"layout.{key}: must be {kind.__name__}, got {_kind(item)}")
+    return dict(value)
 
 
 def _program(value: Any) -> tuple[str, ...] | None:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
@@ -75,6 +75,29 @@ def running(run_dir: Path, name: str) -> int | None:
     if cmdline and str(run_dir) not in cmdline:
         return None
     return pid
+
+
+def await_ready(
+    run_dir: Path,
+    name: str,
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    timeout: float,
+    error: type[Exception] = DaemonError,
+) -> None:
+    """Wait until ``ready()``; raise ``error`` naming the log if the daemon
+    exits first or the time runs out."""
+
+    def check() -> bool | None:
+        if running(run_dir, name) is None:
+            raise error(f"{name} exited during start-up; see {log_file(run_dir, name)}")
+        return True if ready() else None
+
+    try:
+        wait_for(check, what=what, timeout=timeout)
+    except WaitTimeout as exc:
+        raise error(f"{exc}; see {log_file(run_dir, name)}") from None
 
 
 def stop(run_dir: Path, name: str, timeout: float = 10.0) -> bool:

@@ -21,7 +21,6 @@ from typing import Any
 
 from tfcluster.cloudinit import daemons
 from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
-from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = REPO / ".tools" / "bin"
@@ -150,17 +149,10 @@ def status(run_dir: Path = DEFAULT_RUN) -> dict[str, object]:
 
 
 def _await(run_dir: Path, name: str, url: str, timeout: float) -> None:
-    def ready() -> bool | None:
-        if daemons.running(run_dir, name) is None:
-            raise StackError(
-                f"{name} exited during start-up; see {daemons.log_file(run_dir, name)}"
-            )
-        return True if _healthy(url) else None
-
-    try:
-        wait_for(ready, what=f"{name} to answer {url}", timeout=timeout)
-    except WaitTimeout as exc:
-        raise StackError(f"{exc}; see {daemons.log_file(run_dir, name)}") from None
+    daemons.await_ready(
+        run_dir, name, lambda: _healthy(url),
+        what=f"{name} to answer {url}", timeout=timeout, error=StackError,
+    )  # fmt: skip
 
 
 def _healthy(url: str) -> bool:

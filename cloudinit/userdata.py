@@ -24,7 +24,7 @@ import json
 import logging
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from typing import Any
@@ -73,6 +73,17 @@ class Layout:
     ready_addr: str = "127.0.0.1:8181"
     etcd_client_port: int = ETCD_CLIENT_PORT
     etcd_peer_port: int = 2380
+    agent_venv: str = ""
+    """An existing virtualenv that holds the agent; empty: the script creates
+    one under ``install_dir`` and pip-installs the config's agent_package."""
+    etcd_listen_host: str = "0.0.0.0"
+    """etcd's client address: every interface on EC2; the control node's own locally."""
+    distinct_ports: bool = False
+    """One TF port per task: every task shares one host (the local cloud's loopback mode)."""
+    check_system_resolver: bool = True
+    """False where getaddrinfo cannot reach CoreDNS (loopback mode: no resolv.conf of its own)."""
+    tf_config_addresses: str = "names"
+    """``ips`` where TensorFlow's getaddrinfo cannot resolve the zone (loopback mode)."""
 
     @property
     def bin_dir(self) -> str:
@@ -80,7 +91,7 @@ class Layout:
 
     @property
     def venv_dir(self) -> str:
-        return f"{self.install_dir}/venv"
+        return self.agent_venv or f"{self.install_dir}/venv"
 
     @property
     def agent_config(self) -> str:
@@ -88,6 +99,11 @@ class Layout:
 
 
 DEFAULT_LAYOUT = Layout()
+
+
+def layout_of(config: ClusterConfig) -> Layout:
+    """The instances' layout: EC2's defaults with the config's ``layout`` overrides."""
+    return replace(DEFAULT_LAYOUT, **config.layout)
 
 
 @dataclass(frozen=True)
@@ -118,9 +134,12 @@ def render_user_data(
     role: str,
     index: int | None = None,
     etcd_endpoints: Sequence[str] | None = None,
-    layout: Layout = DEFAULT_LAYOUT,
+    layout: Layout | None = None,
 ) -> bytes:
-    """The exact bytes to pass as RunInstances' UserData (before base64)."""
+    """The exact bytes to pass as RunInstances' UserData (before base64).
+
+    ``layout`` defaults to the config's (`layout_of`).
+    """
     parts = render_parts(config, role, index, etcd_endpoints, layout)
     plain = _multipart(parts)
     if len(plain) <= USER_DATA_LIMIT:
@@ -140,7 +159,7 @@ def render_parts(
     role: str,
     index: int | None = None,
     etcd_endpoints: Sequence[str] | None = None,
-    layout: Layout = DEFAULT_LAYOUT,
+    layout: Layout | None = None,
 ) -> tuple[Part, ...]:
     """The cloud-config and the script of one instance, readable.
 
@@ -151,6 +170,7 @@ def render_parts(
     ``control_endpoint(private_ip)`` here.
     """
     _check_role_and_index(config, role, index)
+    layout = layout or layout_of(config)
     control = role == "control"
     endpoints = _endpoints(config, role, etcd_endpoints, layout)
     ctx = {"role": role, "cluster": config.cluster, "zone": config.zone}
@@ -161,6 +181,7 @@ def render_parts(
         "user-data.sh.j2",
         **ctx,
         control=control,
+        install_agent=not layout.agent_venv,
         variables=_script_variables(config, role, layout),
         files=files,
         eof=_EOF,
@@ -231,6 +252,8 @@ def _script_variables(config: ClusterConfig, role: str, layout: Layout) -> list[
             "etcd_client_port": layout.etcd_client_port,
             "imds": layout.imds_endpoint,
         }
+    elif layout.agent_venv:
+        values["venv_dir"] = layout.venv_dir
     else:
         values |= {
             "python": layout.python,
@@ -292,6 +315,7 @@ def _files(
             "etcd_data_dir": _etcd_data_dir(layout),
             "etcd_client_port": layout.etcd_client_port,
             "etcd_peer_port": layout.etcd_peer_port,
+            "etcd_listen_host": layout.etcd_listen_host,
         }
         files += [
             _File(_etcd_env(layout), "0644", render("etcd.env.j2", **common, **etcd)),
@@ -347,6 +371,12 @@ def agent_config(
         "record_ttl": config.record_ttl,
         "tf_config_path": layout.tf_config_path,
     }
+    if layout.distinct_ports:
+        result["distinct_ports"] = True
+    if not layout.check_system_resolver:
+        result["check_system_resolver"] = False
+    if layout.tf_config_addresses != DEFAULT_LAYOUT.tf_config_addresses:
+        result["tf_config_addresses"] = layout.tf_config_addresses
     if role == "chief" and config.program is not None:
         result["program"] = list(config.program)
     return result

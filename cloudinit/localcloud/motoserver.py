@@ -1,0 +1,116 @@
+"""The EC2 API of the local cloud: a moto server on 127.0.0.1, started once per cluster.
+
+    python -m tfcluster.cloudinit.localcloud.motoserver --state-dir RUN --port P
+
+runs moto's server until SIGTERM (the state folder is named on the command
+line so that `tfcluster.cloudinit.daemons` can find the process again).
+``ensure`` starts it in the background, or reuses the one already running,
+and returns its endpoint once it answers HTTP. moto keeps its state in
+memory: a restarted server knows no instances, and ``LocalCloud.sync``
+tears down whatever it booted for the old one.
+
+Clients use a session with fake credentials of their own (`session`), so
+nothing of the operator's AWS set-up is read or sent anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tfcluster.cloudinit import daemons
+from tfcluster.cloudinit.localstack import free_port
+
+HOST = "127.0.0.1"
+REGION = "us-east-1"
+NAME = "moto"
+READY_TIMEOUT = 30.0
+"""Seconds for a new moto server to answer (importing moto takes a few)."""
+
+
+class MotoServerError(RuntimeError):
+    """The moto server could not be started or does not answer."""
+
+
+def _port_file(state_dir: Path) -> Path:
+    return state_dir / "moto.port"
+
+
+def endpoint(state_dir: Path) -> str | None:
+    """The URL of the moto server running for ``state_dir``, or None."""
+    if daemons.running(state_dir, NAME) is None:
+        return None
+    try:
+        return f"http://{HOST}:{int(_port_file(state_dir).read_text())}"
+    except (OSError, ValueError):
+        return None
+
+
+def ensure(state_dir: Path, timeout: float = READY_TIMEOUT) -> str:
+    """Start the server unless it runs; return its endpoint once it answers."""
+    url = endpoint(state_dir)
+    if url is None:
+        port = free_port(HOST)
+        argv = [sys.executable, "-m", __name__, "--state-dir", str(state_dir), "--port", str(port)]
+        daemons.start(state_dir, NAME, argv)
+        _port_file(state_dir).write_text(f"{port}\n")
+        url = f"http://{HOST}:{port}"
+
+    daemons.await_ready(
+        state_dir, NAME, lambda: _answers(url),
+        what=f"the moto server at {url} to answer", timeout=timeout, error=MotoServerError,
+    )  # fmt: skip
+    return url
+
+
+def stop(state_dir: Path) -> bool:
+    """Stop the server; True if one was running."""
+    stopped = daemons.stop(state_dir, NAME)
+    _port_file(state_dir).unlink(missing_ok=True)
+    return stopped
+
+
+def session() -> Any:
+    """A boto3 session with moto's fake credentials, for this process's clients only."""
+    import boto3
+
+    return boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+    )
+
+
+def _answers(url: str) -> bool:
+    """moto's dashboard page answers once the server is up (data.json would dump every model)."""
+    try:
+        with urllib.request.urlopen(f"{url}/moto-api/", timeout=2.0) as response:
+            return int(response.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve moto's EC2 API until SIGTERM.")
+    parser.add_argument("--state-dir", type=Path, required=True, help="the local cloud's folder")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    from moto.server import ThreadedMotoServer
+
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    server = ThreadedMotoServer(ip_address=HOST, port=args.port, verbose=False)
+    server.start()
+    print(f"moto server on {HOST}:{args.port} for {args.state_dir}", flush=True)
+    done.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What cloud-init does with an instance's user-data before running it.
+
+Fetch it as the EC2 API holds it, undo gzip, split the MIME multipart, check
+the cloud-config part (YAML, and ``cloud-init schema`` when installed) and
+hand back the one shell script. The packages the cloud-config lists are
+what this machine must already have (curl); nothing is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import gzip
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tfcluster.cloudinit.ec2 import translate_errors
+from tfcluster.cloudinit.provider import TAG_INDEX
+
+SCHEMA_TIMEOUT = 60.0
+
+
+class UserDataError(RuntimeError):
+    """The user-data is missing or is not what cloud-init would run."""
+
+
+@dataclass(frozen=True)
+class UserDataPart:
+    content_type: str
+    filename: str
+    text: str
+
+
+def user_data_of(ec2: Any, instance_id: str) -> bytes:
+    """The instance's user-data as RunInstances received it (before base64)."""
+    with translate_errors(f"reading the user-data of {instance_id}"):
+        answer = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    encoded = answer.get("UserData", {}).get("Value")
+    if not encoded:
+        raise UserDataError(f"{instance_id} has no user-data")
+    return base64.b64decode(encoded)
+
+
+def explicit_index_of(ec2: Any, instance_id: str) -> int | None:
+    """The task index a replacement instance carries in its tag (None: the launch index)."""
+    with translate_errors(f"reading the tags of {instance_id}"):
+        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    for reservation in reservations:
+        for item in reservation["Instances"]:
+            for tag in item.get("Tags", []):
+                if tag["Key"] == TAG_INDEX:
+                    return int(tag["Value"])
+    return None
+
+
+def split_user_data(raw: bytes) -> list[UserDataPart]:
+    """gzip-decoded, MIME-split parts, as cloud-init sees them."""
+    data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    if not message.is_multipart():
+        raise UserDataError("user-data is not a MIME multipart")
+    parts = []
+    for part in message.iter_parts():
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            raise UserDataError(f"user-data part {part.get_filename()} has no content")
+        text = payload.decode()
+        parts.append(UserDataPart(part.get_content_type(), part.get_filename() or "", text))
+    return parts
+
+
+def check_cloud_config(text: str, work: Path) -> None:
+    """The cloud-config part parses, and passes ``cloud-init schema`` if it is installed."""
+    import yaml
+
+    if not text.startswith("#cloud-config"):
+        raise UserDataError("the cloud-config part does not start with #cloud-config")
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserDataError(f"the cloud-config part is not YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise UserDataError("the cloud-config part is not a mapping")
+    tool = shutil.which("cloud-init")
+    if tool is None:
+        return
+    path = work / "cloud-config.yaml"
+    path.write_text(text)
+    done = subprocess.run(
+        [tool, "schema", "--config-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=SCHEMA_TIMEOUT,
+    )
+    if done.returncode != 0:
+        raise UserDataError(f"cloud-init schema rejects the cloud-config: {done.stderr.strip()}")
+
+
+def shell_script(raw: bytes, work: Path) -> str:
+    """The one shell script of the user-data, after checking every part."""
+    parts = split_user_data(raw)
+    scripts = [p for p in parts if p.content_type == "text/x-shellscript"]
+    configs = [p for p in parts if p.content_type == "text/cloud-config"]
+    if len(scripts) != 1 or len(configs) > 1 or len(parts) != len(scripts) + len(configs):
+        kinds = ", ".join(p.content_type for p in parts)
+        raise UserDataError(f"expected one shell script and one cloud-config, got: {kinds}")
+    for config in configs:
+        check_cloud_config(config.text, work)
+    return scripts[0].text

@@ -1,0 +1,280 @@
+"""The local cloud end to end: `up --local` against moto, instances booted from their
+own user-data, real etcd, CoreDNS, agents and TensorFlow.
+
+The netns tests need root (network namespaces); CI runs as root. One cluster
+of 1 chief, 2 ps and 2 workers serves the first tests: names resolve through
+getaddrinfo inside every instance, the chief's loss falls, a worker is
+replaced through the EC2 API, and `down --local` leaves nothing behind. A
+second, smaller cluster is crashed (its moto server killed, its state left)
+and removed. A third runs in loopback mode, which needs no root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tfcluster.cloudinit import cli, daemons, provision
+from tfcluster.cloudinit.localcloud import motoserver, network, servicectl
+from tfcluster.cloudinit.localcloud.cloud import LocalCloud, LocalCloudError, training_program
+from tfcluster.discovery.waiting import wait_for
+
+needs_netns = pytest.mark.skipif(
+    not network.available(), reason="netns mode needs root and network namespaces"
+)
+
+CLUSTER = "lctest"
+CRASH_CLUSTER = "lccrash"
+LOOPBACK_CLUSTER = "lcloop"
+STEPS = 200_000
+"""Far more than the tests wait for: the chief is still training when the worker is replaced."""
+STEP = re.compile(r"^step (\d+) loss ([0-9.]+)$", re.MULTILINE)
+
+
+def steps_logged(cloud: LocalCloud) -> list[tuple[int, float]]:
+    chief = cloud.find("chief0")
+    assert chief is not None
+    text = cloud.agent_log(chief).read_text(errors="replace")
+    return [(int(n), float(loss)) for n, loss in STEP.findall(text)]
+
+
+def wait_for_steps(cloud: LocalCloud, count: int, after: int = 0) -> list[tuple[int, float]]:
+    """At least ``count`` loss lines past step ``after`` (training runs ~100+ steps/s)."""
+
+    def enough() -> list[tuple[int, float]] | None:
+        lines = [line for line in steps_logged(cloud) if line[0] > after]
+        return lines if len(lines) >= count else None
+
+    return wait_for(enough, what=f"{count} loss lines after step {after}", timeout=120)
+
+
+def getaddrinfo_in(namespace: str, name: str) -> str:
+    """The IPv4 address getaddrinfo gives for ``name`` inside the namespace."""
+    code = f"import socket; print(socket.getaddrinfo({name!r}, 2222, socket.AF_INET)[0][4][0])"
+    done = subprocess.run(
+        network.exec_argv(namespace, [sys.executable, "-c", code]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def leftovers(cloud: LocalCloud) -> dict[str, list[str]]:
+    """Everything of the cluster still on this machine, by kind."""
+    links = json.loads(network.ip("-j", "link", "show"))
+    marker = str(cloud.folder)
+    processes = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    processes.append(entry.name)
+            except OSError:
+                continue
+    return {
+        "namespaces": network.namespaces(cloud.cluster),
+        "interfaces": [
+            str(link["ifname"])
+            for link in links
+            if link.get("ifalias") == network.label(cloud.cluster)
+            or link["ifname"] == network.bridge_name(cloud.cluster)
+        ],
+        "netns entries": [p.name for p in network.NETNS_ETC.glob(f"tfc-{cloud.cluster}-*")],
+        "processes": processes,
+        "files": [str(cloud.folder)] if cloud.folder.exists() else [],
+    }
+
+
+NOTHING: dict[str, list[str]] = {
+    "namespaces": [],
+    "interfaces": [],
+    "netns entries": [],
+    "processes": [],
+    "files": [],
+}
+
+
+def down_cli(cluster: str) -> str:
+    result = CliRunner().invoke(cli.main, ["down", "--local", "--cluster", cluster, "--yes"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[LocalCloud]:
+    """1 chief (training STEPS steps), 2 ps, 2 workers, every agent past its barrier."""
+    local = LocalCloud(CLUSTER)
+    local.down()  # a previous run's leftovers
+    try:
+        config = local.prepare(
+            {"ps": 2, "workers": 2, "program": training_program(STEPS, log_every=100)}
+        )
+        local.up(config)
+        yield local
+    finally:
+        local.down()
+
+
+@needs_netns
+def test_every_agent_passes_and_each_namespace_resolves_its_peers(cloud: LocalCloud) -> None:
+    rows = {r.node.label: r for r in cloud.status() if r.node is not None}
+    assert sorted(rows) == ["chief0", "control0", "ps0", "ps1", "worker0", "worker1"]
+    assert all(rows[label].barrier_passed for label in rows if label != "control0")
+    worker1 = rows["worker1"].node
+    assert worker1 is not None and worker1.private_ip is not None
+    assert worker1.private_ip.startswith("198.18.0.")
+    for label, row in rows.items():
+        if label != "control0":  # the control node's resolver has no CoreDNS of the zone
+            assert getaddrinfo_in(row.namespace, "worker1.tensorflow.local") == worker1.private_ip
+    table = {e.name: e.address for e in cloud.dns_table()}
+    assert table == {
+        f"{label}.tensorflow.local": row.node.private_ip
+        for label, row in rows.items()
+        if label != "control0" and row.node is not None
+    }
+
+
+@needs_netns
+def test_the_chief_trains_and_the_loss_falls(cloud: LocalCloud) -> None:
+    lines = wait_for_steps(cloud, 3)
+    assert lines[0][0] == 1
+    assert lines[-1][1] < lines[0][1] / 10, lines
+
+
+@needs_netns
+def test_a_replaced_worker_gets_a_new_address_and_training_goes_on(cloud: LocalCloud) -> None:
+    old = cloud.find("worker1")
+    before = {e.name: e.address for e in cloud.dns_table()}
+    url = motoserver.endpoint(cloud.moto_dir)
+    ec2 = motoserver.session().client("ec2", endpoint_url=url)
+    ec2.terminate_instances(InstanceIds=[old])
+
+    config = cloud.prepare(
+        {"ps": 2, "workers": 2, "program": training_program(STEPS, log_every=100)}
+    )
+    cloud.up(config)
+    new = cloud.find("worker1")
+    assert new is not None and new != old
+    after = {e.name: e.address for e in cloud.dns_table()}
+    name = "worker1.tensorflow.local"
+    assert after[name] != before[name]
+    assert {k: v for k, v in after.items() if k != name} == {
+        k: v for k, v in before.items() if k != name
+    }
+    # The old instance is gone from this machine: its agent revoked its lease on SIGTERM.
+    assert network.namespace(CLUSTER, str(old)) not in network.namespaces(CLUSTER)
+    assert not (cloud.instances_dir / str(old)).exists()
+    # The chief keeps training once the new worker serves under the same name.
+    last = steps_logged(cloud)[-1][0]
+    more = wait_for_steps(cloud, 2, after=last)
+    assert more[-1][0] > last
+
+
+@needs_netns
+def test_down_removes_everything_and_twice_is_a_no_op(cloud: LocalCloud) -> None:
+    assert leftovers(cloud) != NOTHING
+    first = down_cli(CLUSTER)
+    assert "terminating 6 instance(s)" in first
+    assert leftovers(cloud) == NOTHING
+    assert "nothing to remove" in down_cli(CLUSTER)
+    assert leftovers(cloud) == NOTHING
+
+
+@needs_netns
+def test_down_cleans_up_after_a_crash() -> None:
+    crashed = LocalCloud(CRASH_CLUSTER)
+    crashed.down()
+    config = crashed.prepare({"chief": 0, "ps": 1, "workers": 1})
+    crashed.up(config)
+    # The CLI died without a word: its moto server is killed, every file and
+    # namespace is left, and a booted marker is lost mid-boot.
+    moto_pid = daemons.running(crashed.moto_dir, motoserver.NAME)
+    assert moto_pid is not None
+    subprocess.run(["kill", "-KILL", str(moto_pid)], check=True, timeout=10)
+    wait_for(
+        lambda: daemons.running(crashed.moto_dir, motoserver.NAME) is None or None,
+        what="the moto server to die",
+        timeout=10,
+    )
+    ps0 = crashed.find("ps0")
+    assert ps0 is not None
+    (crashed.instances_dir / ps0 / "booted").unlink()
+    assert leftovers(crashed)["namespaces"]
+
+    down_cli(CRASH_CLUSTER)
+    assert leftovers(crashed) == NOTHING
+    assert "nothing to remove" in down_cli(CRASH_CLUSTER)
+
+
+def test_loopback_mode_boots_a_cluster_on_loopback_addresses() -> None:
+    looped = LocalCloud(LOOPBACK_CLUSTER, loopback=True)
+    looped.down()
+    try:
+        config = looped.prepare({"chief": 0, "ps": 1, "workers": 1})
+        looped.up(config)
+        rows = {r.node.label: r.node for r in looped.status() if r.node is not None}
+        assert sorted(rows) == ["control0", "ps0", "worker0"]
+        assert all(str(node.private_ip).startswith("127.77.0.") for node in rows.values())
+        table = {e.name: (e.address, e.port) for e in looped.dns_table()}
+        # One host: each task's TF server has a port of its own.
+        assert table == {
+            "ps0.tensorflow.local": (rows["ps0"].private_ip, 2222),
+            "worker0.tensorflow.local": (rows["worker0"].private_ip, 2223),
+        }
+        assert network.namespaces(LOOPBACK_CLUSTER) == []
+        # A replacement launched under this config, booted under another one: the
+        # user-data is checked against what the config renders before it runs.
+        url = motoserver.endpoint(looped.moto_dir)
+        motoserver.session().client("ec2", endpoint_url=url).terminate_instances(
+            InstanceIds=[looped.find("worker0")]
+        )
+        provision.up(config, looped.provider())
+        looped.prepare({"chief": 0, "ps": 1, "workers": 1, "tf_port": 3333})
+        with pytest.raises(LocalCloudError, match="not what this cluster's config renders"):
+            looped.sync()
+    finally:
+        looped.down()
+    assert leftovers(looped) == NOTHING
+
+
+def test_servicectl_refuses_what_it_does_not_do(tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "odd.service").write_text("[Service]\nExecStart=/bin/true\nExecStartPre=/bin/false\n")
+    with pytest.raises(servicectl.UnitError, match="ExecStartPre"):
+        servicectl.run(tmp_path, ["enable", "--now", "odd.service"])
+    with pytest.raises(servicectl.UnitError, match="not supported"):
+        servicectl.run(tmp_path, ["stop", "odd.service"])
+    assert servicectl.run(tmp_path, ["daemon-reload"])
+
+
+def test_servicectl_starts_a_unit_with_its_environment(tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    env = tmp_path / "env"
+    env.write_text("# settings\nFROM_FILE=file\n")
+    out = tmp_path / "out"
+    (units / "probe.service").write_text(
+        "[Unit]\nDescription=probe\n\n[Service]\n"
+        f"EnvironmentFile={env}\nEnvironment=FROM_UNIT=unit\n"
+        f"ExecStart=/bin/sh -c 'echo \"$FROM_FILE $FROM_UNIT\" > {out}; sleep 30'\n"
+        "RuntimeDirectory=probe\n\n[Install]\nWantedBy=multi-user.target\n"
+    )
+    servicectl.run(tmp_path, ["enable", "--now", "probe.service"])
+    try:
+        wait_for(lambda: out.exists() or None, what="the unit to write its output", timeout=10)
+        wait_for(lambda: out.read_text() or None, what="the output to be flushed", timeout=10)
+        assert out.read_text() == "file unit\n"
+        assert (tmp_path / "run" / "probe").is_dir()
+        assert daemons.running(tmp_path, "probe.service") is not None
+    finally:
+        assert daemons.stop(tmp_path, "probe.service")
