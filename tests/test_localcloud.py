@@ -278,3 +278,17 @@ def test_servicectl_starts_a_unit_with_its_environment(tmp_path: Path) -> None:
         assert daemons.running(tmp_path, "probe.service") is not None
     finally:
         assert daemons.stop(tmp_path, "probe.service")
+
+
+def test_bad_options_fail_before_anything_starts() -> None:
+    cluster = "badopts"
+    cloud = LocalCloud(cluster, loopback=True)
+    result = CliRunner().invoke(
+        cli.main, ["up", "--local", "--loopback", "--cluster", cluster, "--workers", "0"]
+    )
+    assert result.exit_code == 2
+    assert (
+        result.output.strip().splitlines()[-1] == "Error: workers: must be an integer >= 1, got 0"
+    )
+    assert motoserver.endpoint(cloud.moto_dir) is None
+    assert not cloud.folder.exists()

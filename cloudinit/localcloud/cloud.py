@@ -158,6 +158,16 @@ class LocalCloud:
         (subnet, image, artifacts, layout) come on top.
         """
         self.check()
+        # Bad options fail here, before anything is started or written.
+        placeholder = {"url": "file:///dev/null", "sha256": "0" * 64}
+        load_cluster_config(
+            None,
+            {
+                **overrides,
+                "cluster": self.cluster,
+                "artifacts": dict.fromkeys(("coredns", "etcd"), placeholder),
+            },
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "mode").write_text(f"{self.mode}\n")
         provider = self.provider(start=True)
