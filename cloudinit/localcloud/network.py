@@ -4,8 +4,9 @@ As root, a cluster gets one bridge (``tfc-<hash8>``, gateway .1 of the
 subnet) and each instance a network namespace ``tfc-<cluster>-<id8>`` joined
 to it by a veth pair, holding:
 
-* the private IP the EC2 API gave the instance, on ``eth0``, with a default
-  route via the bridge: instances and the host reach each other directly;
+* the private IP the EC2 API gave the instance, on ``eth0``: instances and
+  the host reach each other on the subnet, and nothing else (no default
+  route, so no packet of an instance can leave this machine);
 * ``lo`` up, with 169.254.169.254/32 on it, so the instance's IMDS emulator
   serves at the real IMDS address and the user-data needs no change;
 * ``/etc/netns/<ns>/resolv.conf`` naming 127.0.0.1 (written before any
@@ -139,7 +140,6 @@ def attach(cluster: str, instance_id: str, private_ip: str, cidr: str = CIDR) ->
         ("addr", "add", f"{IMDS_ADDRESS}/32", "dev", "lo"),
         ("addr", "add", f"{private_ip}/{network.prefixlen}", "dev", "eth0"),
         ("link", "set", "eth0", "up"),
-        ("route", "add", "default", "via", gateway(cidr)),
     ]
     for args in inside:
         ip(*args, namespace_name=name)
