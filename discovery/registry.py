@@ -127,13 +127,6 @@ class Registry:
         if lease is not None:
             self._revoke(lease)
 
-    def holder(self, identity: Identity) -> Holder | None:
-        """Who holds ``identity.member``'s name now, if anyone."""
-        record_key, _ = self.keys(identity)
-        with _etcd("read a record"):
-            value, meta = self.client.get(record_key)
-        return None if value is None else _holder([(value, meta)])
-
     def _revoke(self, lease: Any) -> None:
         try:
             with _etcd("revoke the lease"):
@@ -182,9 +175,10 @@ def list_records(client: Any, cluster: str, zone: str) -> list[tuple[str, dict[s
 def held_names(client: Any, cluster: str, zone: str) -> set[str]:
     """The member names whose address record etcd holds now (one range read)."""
     path = records.cluster_path(cluster)
+    prefix = records.zone_prefix(path, zone)
     names = set()
     for key, _value in list_records(client, cluster, zone):
-        label = key[len(records.zone_prefix(path, zone)) :].split("/")[0]
+        label = key[len(prefix) :].split("/")[0]
         member = records.parse_label(label)
         if member is not None and key == records.record_key(path, zone, member):
             names.add(member.name(zone))

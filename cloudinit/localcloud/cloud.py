@@ -44,6 +44,7 @@ from tfcluster.cloudinit import daemons, provision
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
 from tfcluster.cloudinit.ec2 import Ec2Provider, translate_errors
 from tfcluster.cloudinit.localcloud import instance, motoserver, network, parts
+from tfcluster.cloudinit.localstack import DEFAULT_BIN, REPO
 from tfcluster.cloudinit.provider import (
     CONTROL_ROLE,
     LIVE_STATES,
@@ -58,9 +59,7 @@ from tfcluster.cloudinit.provider import (
 from tfcluster.cloudinit.userdata import control_endpoint
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RUN = REPO / ".run" / "localcloud"
-DEFAULT_BIN = REPO / ".tools" / "bin"
 NETNS, LOOPBACK = "netns", "loopback"
 BARRIER_TIMEOUT = 240.0
 """Seconds for every agent to pass its barrier (five TF imports on two cores take ~30 s)."""
