@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from tfcluster.cloudinit.config import (
     parse_overrides,
 )
 from tfcluster.cloudinit.ec2 import Ec2Provider
-from tfcluster.cloudinit.provider import ProviderError
+from tfcluster.cloudinit.provider import CLUSTER_NAME, InvalidEndpoint, Node, ProviderError
 from tfcluster.cloudinit.userdata import RenderError, render_parts, render_user_data
 
 
@@ -28,20 +31,66 @@ def main() -> None:
 
 EXIT_PROVIDER = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Known failures end the command with ``Error: ...`` and an exit code, no traceback:
-    2 for the config (fix the input), 1 for the cloud (look at the account or retry)."""
+    2 for bad input (fix the config, an option or the endpoint URL), 1 for the cloud
+    (look at the account or retry), 130 for an interruption outside ``up``'s rollback."""
     try:
         yield
-    except ConfigError as exc:
+    except (ConfigError, InvalidEndpoint) as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
     except ProviderError as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(EXIT_PROVIDER) from None
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def _cluster_name(name: str) -> str:
+    """The --cluster value, held to the config's rule: a wildcard never selects clusters."""
+    if not CLUSTER_NAME.match(name):
+        raise ConfigError(f"cluster: must be a DNS label (a-z, 0-9, '-', at most 63), got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (from CI runners, ``timeout``, systemd) acts as Ctrl-C: ``up`` rolls back."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _confirm_launch(yes: bool) -> provision.Confirm:
+    """Ask on a terminal; without one, only --yes goes ahead."""
+
+    def confirm(plan: provision.Plan, reasons: list[str]) -> bool:
+        if yes:
+            return True
+        why = "; ".join(reasons)
+        if not sys.stdin.isatty():
+            raise ConfigError(f"confirmation needed ({why}): pass --yes to launch anyway")
+        return click.confirm(f"Launch anyway? {why}", err=True)
+
+    return confirm
+
+
+def _time_left(node: Node, now: datetime) -> str | None:
+    if node.expires is None:
+        return None
+    seconds = int((node.expires - now).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -73,12 +122,13 @@ LOCAL_CLUSTER = "local"
 
 
 def _local_cluster(cluster: str | None, local: bool, endpoint_url: str | None) -> str:
-    """The cluster name: ``local`` by default with --local, required without."""
+    """The cluster name: ``local`` by default with --local, required without; validated."""
     if local and endpoint_url is not None:
         raise click.UsageError("--local runs its own EC2 API; --endpoint-url does not apply")
     if cluster is None and not local:
         raise click.UsageError("Missing option '--cluster' (or give --local).")
-    return cluster or LOCAL_CLUSTER
+    with _one_line_errors():
+        return _cluster_name(cluster or LOCAL_CLUSTER)
 
 
 def _local_cloud(cluster: str, loopback: bool | None = None) -> Any:
@@ -102,6 +152,12 @@ def _local_cloud(cluster: str, loopback: bool | None = None) -> Any:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted for nested keys).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Launch without asking, also when the cluster is larger than max_instances "
+    "or uses GPU instance types.",
+)
 @_endpoint_option
 @_local_option
 @click.option(
@@ -123,12 +179,18 @@ def up(
     ps: int | None,
     settings: tuple[str, ...],
     dry_run: bool,
+    yes: bool,
     endpoint_url: str | None,
     local: bool,
     steps: int | None,
     loopback: bool,
 ) -> None:
     """Launch the cluster, or the part of it that is missing.
+
+    Prints the instances per type first, and asks before launching more than
+    max_instances (default 16) or GPU instances. Ctrl-C or SIGTERM rolls back
+    what this run created; a second one stops the rollback and prints what is
+    left. One up or down of a cluster runs at a time (a lock in the cloud).
 
     With --local, moto plays EC2 and every instance runs its own user-data
     on this machine; the command returns once every agent passed its barrier.
@@ -137,7 +199,7 @@ def up(
         raise click.UsageError("--steps applies to --local only (set 'program' in the config)")
     if loopback and not local:
         raise click.UsageError("--loopback applies to --local only")
-    with _one_line_errors():
+    with _one_line_errors(), _sigterm_interrupts():
         overrides = parse_overrides(settings)
         named = {"cluster": cluster, "region": region, "workers": workers, "ps": ps}
         overrides.update({key: value for key, value in named.items() if value is not None})
@@ -146,7 +208,13 @@ def up(
             return
         config = load_cluster_config(config_path, overrides)
         provider = Ec2Provider(config.region, endpoint_url=endpoint_url)
-        result = provision.up(config, provider, dry_run=dry_run, on_event=_progress)
+        result = provision.up(
+            config,
+            provider,
+            dry_run=dry_run,
+            on_event=_progress,
+            confirm=_confirm_launch(yes),
+        )
     _print_nodes(result, config.zone)
 
 
@@ -198,12 +266,27 @@ def _up_local(
 @click.option("--cluster", help="Cluster to remove (with --local: default 'local').")
 @_region_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=provision.TERMINATE_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for the instances to terminate, and again for the security group.",
+)
 @_endpoint_option
 @_local_option
 def down(
-    cluster: str | None, region: str | None, yes: bool, endpoint_url: str | None, local: bool
+    cluster: str | None,
+    region: str | None,
+    yes: bool,
+    timeout: float,
+    endpoint_url: str | None,
+    local: bool,
 ) -> None:
     """Terminate every instance of the cluster and delete its security group.
+
+    Says what it removed; if anything could not be removed in time, lists it
+    and exits 1 (run down again to finish). A second down is a no-op.
 
     With --local, also remove every process, namespace, interface and file
     the local cloud made for the cluster (after a crash too).
@@ -223,7 +306,24 @@ def down(
                 "and delete its security group?",
                 abort=True,
             )
-        provision.down(cluster, provider, on_event=_progress)
+        result = provision.down(
+            cluster, provider, on_event=_progress, timeout=timeout, group_timeout=timeout
+        )
+    removed = len(result.terminated) + len(result.security_groups)
+    if removed:
+        click.echo(
+            f"removed {len(result.terminated)} instance(s) and "
+            f"{len(result.security_groups)} security group(s) of cluster {cluster}"
+        )
+    if not result.complete:
+        for error in result.errors:
+            click.echo(f"warning: {error}", err=True)
+        click.echo(
+            f"Error: left {result.describe_left()}; run 'tfcluster down --cluster {cluster}' "
+            "again to finish",
+            err=True,
+        )
+        raise SystemExit(EXIT_PROVIDER)
 
 
 @main.command()
@@ -256,8 +356,11 @@ def status(
     if not rows:
         click.echo(f"cluster {cluster}: no instances")
         return
-    headers = ("INSTANCE", "ROLE", "INDEX", "STATE", "PRIVATE IP", "DNS NAME", "DNS RECORD")
+    headers = (
+        "INSTANCE", "ROLE", "INDEX", "STATE", "PRIVATE IP", "DNS NAME", "DNS RECORD", "TIME LEFT"
+    )  # fmt: skip
     dns = {True: "present", False: "missing", None: "unknown"}
+    now = datetime.now(timezone.utc)
     click.echo(
         _table(
             headers,
@@ -270,6 +373,7 @@ def status(
                     r.node.private_ip,
                     r.dns_name,
                     dns[r.dns_present] if r.dns_name else None,
+                    _time_left(r.node, now),
                 )
                 for r in rows
             ],
@@ -343,10 +447,33 @@ def list_clusters(region: str | None, endpoint_url: str | None) -> None:
             c.live_nodes,
             ", ".join(f"{n} {state}" for state, n in sorted(c.states.items())),
             ", ".join(c.security_groups),
+            c.lock.describe() if c.lock else None,
         )
         for c in clusters
     ]
-    click.echo(_table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS"), rows))
+    click.echo(_table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS", "LOCK"), rows))
+
+
+@main.command()
+@click.option("--cluster", required=True, help="Cluster whose lock to remove.")
+@_region_option
+@_endpoint_option
+def unlock(cluster: str, region: str | None, endpoint_url: str | None) -> None:
+    """Remove the lock a crashed up or down left on the cluster.
+
+    Only for a lock whose run is gone (the lock names its holder and host;
+    it also expires by itself after an hour): removing the lock of a run
+    still going lets a second up launch beside it.
+    """
+    with _one_line_errors():
+        cluster = _cluster_name(cluster)
+        provider = Ec2Provider(region, endpoint_url=endpoint_url)
+        lock = provider.find_lock(cluster)
+        if lock is None:
+            click.echo(f"cluster {cluster} has no lock")
+            return
+        provider.release_lock(lock)
+    click.echo(f"removed the lock of cluster {cluster} ({lock.describe()})")
 
 
 @main.command()

@@ -91,7 +91,7 @@ _KEYS: dict[str, Any] = {
     "spot_workers": None, "etcd": None,
     "artifacts": {"coredns": _ARTIFACT_KEYS, "etcd": _ARTIFACT_KEYS},
     "agent_package": None, "tf_port": None, "lease_ttl": None, "record_ttl": None,
-    "program": None, "layout": None,
+    "program": None, "layout": None, "max_instances": None, "max_lifetime": None,
 }  # fmt: skip
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -142,6 +142,9 @@ class ClusterConfig:
     record_ttl: int
     program: tuple[str, ...] | None
     layout: Mapping[str, str | int] = field(default_factory=lambda: MappingProxyType({}))
+    max_instances: int = 16
+    max_lifetime: int | None = None
+    """Seconds after launch when every instance shuts itself down; None: never."""
 
     @property
     def control_node(self) -> bool:
@@ -288,7 +291,23 @@ def _build(raw: Mapping[str, Any]) -> ClusterConfig:
         record_ttl=_integer(raw, "record_ttl", 5, 1, 3600),
         program=program,
         layout=MappingProxyType(_layout(raw.get("layout"))),
+        max_instances=_integer(raw, "max_instances", 16, 1, 10000),
+        max_lifetime=_duration(raw.get("max_lifetime")),
     )
+
+
+_DURATION = re.compile(r"^([0-9]+)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: Any) -> int | None:
+    if value is None:
+        return None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]] if match else 0
+    if not 600 <= seconds <= 30 * 86400:
+        raise ConfigError(f"max_lifetime: must be a duration 10m..30d such as 12h, got {value!r}")
+    return seconds
 
 
 def _kind(value: Any) -> str:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 
 from tfcluster.cloudinit.provider import (
     LIVE_STATES,
@@ -30,14 +33,20 @@ from tfcluster.cloudinit.provider import (
     STOPPED,
     STOPPING,
     TAG_CLUSTER,
+    TAG_EXPIRES,
     TAG_INDEX,
+    TAG_LOCK_EXPIRES,
+    TAG_LOCK_HOLDER,
     TAG_ROLE,
     TAG_ZONE,
     TERMINATED,
     AccessDenied,
+    ClusterBusy,
+    ClusterLock,
     ClusterSummary,
     CredentialsError,
     EndpointUnreachable,
+    InvalidEndpoint,
     LaunchFailed,
     LaunchSpec,
     LimitExceeded,
@@ -78,6 +87,11 @@ PAGE_SIZE = 1000
 """DescribeInstances page size: listing a cluster takes one call per 1000 nodes."""
 
 TERMINATE_BATCH = 1000
+
+LOCK_PREFIX = "tfcluster-lock-"
+"""The cluster's lock is the EC2 key pair ``tfcluster-lock-<cluster>``: key pair
+names are unique in a region (whatever the VPC), CreateKeyPair of a taken name
+fails atomically, and a key pair costs nothing. Its private key is discarded."""
 
 _CREDENTIAL_ERRORS = (
     botocore.exceptions.NoCredentialsError,
@@ -129,8 +143,17 @@ def known_regions(session: boto3.session.Session) -> frozenset[str]:
     )
 
 
+_BotoFailure = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    botocore.parsers.ResponseParserError,
+)
+"""What a botocore call raises when it fails: its own errors, the cloud's, and an
+answer it cannot parse (not a BotoCoreError: an endpoint that is not the API)."""
+
+
 def as_provider_error(
-    exc: botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError,
+    exc: Exception,
     action: str,
     *,
     launching: bool = False,
@@ -148,6 +171,10 @@ def as_provider_error(
         return UnknownRegion("no AWS region: pass --region or set AWS_REGION")
     if isinstance(exc, _UNREACHABLE_ERRORS):
         return EndpointUnreachable(f"{action}: {_one_line(str(exc))}")
+    if isinstance(exc, botocore.parsers.ResponseParserError):
+        return InvalidEndpoint(
+            f"{action}: the endpoint's answer is not the EC2 API's (it could not be parsed)"
+        )
     if not isinstance(exc, botocore.exceptions.ClientError):
         return ProviderError(f"{action}: {type(exc).__name__}: {_one_line(str(exc))}")
     error = exc.response.get("Error", {})
@@ -171,7 +198,7 @@ def translate_errors(action: str, *, launching: bool = False) -> Iterator[None]:
     """Raise every botocore failure inside the block as its `as_provider_error`."""
     try:
         yield
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+    except _BotoFailure as exc:
         raise as_provider_error(exc, action, launching=launching) from exc
 
 
@@ -179,8 +206,42 @@ def _error_code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def check_endpoint_url(url: str) -> str:
+    """``url`` if it can be an API endpoint (http(s)://HOST[:PORT]); else `InvalidEndpoint`."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidEndpoint(
+            f"endpoint-url: must look like http://HOST:PORT or https://HOST, got {url!r}"
+        )
+    return url
+
+
 def _tags(resource: dict[str, Any]) -> dict[str, str]:
     return {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
+
+
+def _of_cluster(resources: list[dict[str, Any]], cluster: str) -> list[dict[str, Any]]:
+    """Only the resources whose cluster tag is exactly ``cluster``.
+
+    EC2's tag filters treat ``*`` and ``?`` as wildcards: the filter narrows
+    the listing, this comparison decides.
+    """
+    return [r for r in resources if _tags(r).get(TAG_CLUSTER) == cluster]
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
 def _node(instance: dict[str, Any]) -> Node:
@@ -195,6 +256,19 @@ def _node(instance: dict[str, Any]) -> Node:
         private_ip=instance.get("PrivateIpAddress") or None,
         launch_index=launch_index,
         zone=tags.get(TAG_ZONE),
+        expires=_timestamp(tags.get(TAG_EXPIRES)),
+    )
+
+
+def _lock(pair: dict[str, Any], cluster: str) -> ClusterLock:
+    """The lock a key pair stands for; one without a readable expiry expires at its creation."""
+    tags = _tags(pair)
+    created = pair.get("CreateTime") or datetime.now(timezone.utc)
+    return ClusterLock(
+        cluster=cluster,
+        lock_id=str(pair["KeyPairId"]),
+        holder=tags.get(TAG_LOCK_HOLDER, "an unknown holder"),
+        expires=_timestamp(tags.get(TAG_LOCK_EXPIRES)) or created,
     )
 
 
@@ -261,7 +335,9 @@ class Ec2Provider(NodeProvider):
             resolved = region or self._session.region_name
         if not resolved:
             raise UnknownRegion("no AWS region: pass --region or set AWS_REGION")
-        if endpoint_url is None and resolved not in known_regions(self._session):
+        if endpoint_url is not None:
+            check_endpoint_url(endpoint_url)
+        elif resolved not in known_regions(self._session):
             raise UnknownRegion(
                 f"unknown AWS region {resolved!r} (not in botocore's list of EC2 regions)"
             )
@@ -281,6 +357,54 @@ class Ec2Provider(NodeProvider):
                 config=CLIENT_CONFIG,
             )
 
+    # -- lock -------------------------------------------------------------------
+
+    def acquire_lock(self, cluster: str, holder: str, ttl: float) -> ClusterLock:
+        name = f"{LOCK_PREFIX}{cluster}"
+        for _attempt in range(2):
+            expires = datetime.now(timezone.utc) + timedelta(seconds=ttl)
+            tags = {TAG_CLUSTER: cluster, TAG_LOCK_HOLDER: holder, TAG_LOCK_EXPIRES: _iso(expires)}
+            try:
+                pair = self.ec2.create_key_pair(
+                    KeyName=name,
+                    TagSpecifications=[{"ResourceType": "key-pair", "Tags": _tag_list(tags)}],
+                )
+                return ClusterLock(cluster, str(pair["KeyPairId"]), holder, expires)
+            except botocore.exceptions.ClientError as exc:
+                if _error_code(exc) != "InvalidKeyPair.Duplicate":
+                    raise as_provider_error(exc, f"taking the lock of cluster {cluster}") from exc
+            except (botocore.exceptions.BotoCoreError, botocore.parsers.ResponseParserError) as exc:
+                raise as_provider_error(exc, f"taking the lock of cluster {cluster}") from exc
+            held = self.find_lock(cluster)
+            if held is not None and held.expires > datetime.now(timezone.utc):
+                raise ClusterBusy(
+                    f"cluster {cluster} is busy: {held.describe()}; wait for it to finish, or "
+                    f"if that run is gone, run 'tfcluster unlock --cluster {cluster}'"
+                )
+            if held is not None:
+                log.info("removing the expired lock of cluster %s (%s)", cluster, held.holder)
+                self.release_lock(held)
+        raise ClusterBusy(f"cluster {cluster} is busy: its lock changed hands twice; try again")
+
+    def release_lock(self, lock: ClusterLock) -> None:
+        # Deleted by name once its id is checked (moto ignores KeyPairId in
+        # DeleteKeyPair): a lock another run has taken since has another id and stays.
+        held = self.find_lock(lock.cluster)
+        if held is None or held.lock_id != lock.lock_id:
+            return
+        with translate_errors(f"releasing the lock of cluster {lock.cluster}"):
+            self.ec2.delete_key_pair(KeyName=f"{LOCK_PREFIX}{lock.cluster}")
+
+    def _key_pairs(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with translate_errors("listing cluster locks"):
+            return list(self.ec2.describe_key_pairs(Filters=filters)["KeyPairs"])
+
+    def find_lock(self, cluster: str) -> ClusterLock | None:
+        name = f"{LOCK_PREFIX}{cluster}"
+        pairs = self._key_pairs([{"Name": "key-name", "Values": [name]}])
+        found = [p for p in pairs if p.get("KeyName") == name]
+        return _lock(found[0], cluster) if found else None
+
     # -- security group -------------------------------------------------------
 
     def _groups(self, cluster: str | None) -> list[dict[str, Any]]:
@@ -297,7 +421,7 @@ class Ec2Provider(NodeProvider):
             )
             for page in pages:
                 groups.extend(page["SecurityGroups"])
-        return groups
+        return groups if cluster is None else _of_cluster(groups, cluster)
 
     def find_security_group(self, cluster: str) -> str | None:
         groups = self._groups(cluster)
@@ -387,7 +511,7 @@ class Ec2Provider(NodeProvider):
                 return False
             if code != "InvalidGroup.NotFound":
                 raise as_provider_error(exc, f"deleting security group {group_id}") from exc
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, botocore.parsers.ResponseParserError) as exc:
             raise as_provider_error(exc, f"deleting security group {group_id}") from exc
         return True
 
@@ -431,6 +555,8 @@ class Ec2Provider(NodeProvider):
             tags[TAG_ZONE] = zone
         if index is not None:
             tags[TAG_INDEX] = str(index)
+        if spec.expires is not None:
+            tags[TAG_EXPIRES] = _iso(spec.expires)
         tags["Name"] = f"{cluster}-{role}" if index is None else f"{cluster}-{role}{index}"
         params: dict[str, Any] = {
             "ImageId": spec.image_id,
@@ -483,7 +609,10 @@ class Ec2Provider(NodeProvider):
                 {"Name": "instance-state-name", "Values": list(states)},
             ]
         )
-        return sorted((_node(i) for i in instances), key=lambda n: (n.role, n.index, n.instance_id))
+        return sorted(
+            (_node(i) for i in _of_cluster(instances, cluster)),
+            key=lambda n: (n.role, n.index, n.instance_id),
+        )
 
     def clusters(self) -> list[ClusterSummary]:
         instances = self._describe(
@@ -500,9 +629,14 @@ class Ec2Provider(NodeProvider):
         groups: dict[str, list[str]] = {}
         for group in self._groups(None):
             groups.setdefault(_tags(group)[TAG_CLUSTER], []).append(str(group["GroupId"]))
+        locks = {}
+        for pair in self._key_pairs([{"Name": "tag-key", "Values": [TAG_CLUSTER]}]):
+            name = _tags(pair)[TAG_CLUSTER]
+            if pair.get("KeyName") == f"{LOCK_PREFIX}{name}":
+                locks[name] = _lock(pair, name)
         return [
-            ClusterSummary(name, states.get(name, {}), tuple(groups.get(name, ())))
-            for name in sorted(states.keys() | groups.keys())
+            ClusterSummary(name, states.get(name, {}), tuple(groups.get(name, ())), locks.get(name))
+            for name in sorted(states.keys() | groups.keys() | locks.keys())
         ]
 
     def terminate(self, instance_ids: Sequence[str]) -> None:

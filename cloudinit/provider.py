@@ -23,21 +23,42 @@ Node lifecycle (EC2's instance states, which other backends imitate)::
 Exceptions are named for what the caller does next: fix credentials
 (`CredentialsError`), ask for permissions (`AccessDenied`), ask for a quota or
 launch fewer (`LimitExceeded`), pick another image (`UnknownAMI`) or region
-(`UnknownRegion`), check the network or endpoint (`EndpointUnreachable`), wait
-longer or look at the console (`ProviderTimeout`), or read the wrapped cloud
-error (`LaunchFailed`, plain `ProviderError`). Each message is one line.
+(`UnknownRegion`), check the network or endpoint (`EndpointUnreachable`,
+`InvalidEndpoint`), wait for another run or clear its lock (`ClusterBusy`),
+wait longer or look at the console (`ProviderTimeout`), or read the wrapped
+cloud error (`LaunchFailed`, plain `ProviderError`). Each message is one line.
+
+Clusters are selected by the exact value of their tag. Cloud filters may
+treat ``*`` and ``?`` as wildcards, so a backend filters to narrow the
+listing and then compares the tag value itself: ``demo`` never selects
+``demo-prod``.
+
+One ``up`` or ``down`` at a time per cluster: a run first takes the
+cluster's lock, a resource whose creation the cloud makes atomic (a second
+creation of the same name fails). The lock names its holder and expires, so
+a lock left by a crashed run blocks the cluster only until then, or until
+``tfcluster unlock`` removes it.
 """
 
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 TAG_CLUSTER = "tfcluster:cluster"
 TAG_ROLE = "tfcluster:role"
 TAG_INDEX = "tfcluster:index"
 TAG_ZONE = "tfcluster:zone"
+TAG_EXPIRES = "tfcluster:expires"
+"""On an instance: when ``max_lifetime`` shuts it down (ISO 8601, UTC)."""
+TAG_LOCK_HOLDER = "tfcluster:lock-holder"
+TAG_LOCK_EXPIRES = "tfcluster:lock-expires"
+
+CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+"""A cluster name is one DNS label: no wildcard, no dot, no space."""
 
 CONTROL_ROLE = "control"
 
@@ -85,6 +106,14 @@ class EndpointUnreachable(ProviderError):
     """The API endpoint did not answer: check the network or the endpoint URL."""
 
 
+class InvalidEndpoint(ProviderError):
+    """The endpoint URL is malformed, or what answers there is not the cloud's API."""
+
+
+class ClusterBusy(ProviderError):
+    """Another ``up`` or ``down`` holds the cluster's lock: wait, or clear a stale one."""
+
+
 class ProviderTimeout(ProviderError):
     """Nodes did not reach the awaited state in time; they may still get there."""
 
@@ -113,6 +142,7 @@ class Node:
     private_ip: str | None
     launch_index: int
     zone: str | None = None
+    expires: datetime | None = None
 
     @property
     def label(self) -> str:
@@ -139,15 +169,31 @@ class LaunchSpec:
     subnet_id: str | None = None
     key_name: str | None = None
     spot: bool = False
+    expires: datetime | None = None
+    """When the nodes shut themselves down (``max_lifetime``); tagged for ``status``."""
+
+
+@dataclass(frozen=True)
+class ClusterLock:
+    """The claim one ``up`` or ``down`` holds on a cluster until it releases it."""
+
+    cluster: str
+    lock_id: str
+    holder: str
+    expires: datetime
+
+    def describe(self) -> str:
+        return f"{self.holder}, until {self.expires:%Y-%m-%d %H:%M:%S} UTC"
 
 
 @dataclass(frozen=True)
 class ClusterSummary:
-    """One cluster found by its tags: live nodes per state, firewall groups."""
+    """One cluster found by its tags: live nodes per state, firewall groups, a lock left."""
 
     name: str
     states: dict[str, int] = field(default_factory=dict)
     security_groups: tuple[str, ...] = ()
+    lock: ClusterLock | None = None
 
     @property
     def live_nodes(self) -> int:
@@ -161,6 +207,22 @@ class NodeProvider(abc.ABC):
     of nodes: one launch call per role, listings by tag filter with
     pagination, waits that poll a listing rather than each node.
     """
+
+    @abc.abstractmethod
+    def acquire_lock(self, cluster: str, holder: str, ttl: float) -> ClusterLock:
+        """Take the cluster's lock for ``ttl`` seconds, atomically, or raise `ClusterBusy`.
+
+        A lock whose time is up is removed and taken afresh; the message of
+        `ClusterBusy` names the holder and when its lock expires.
+        """
+
+    @abc.abstractmethod
+    def release_lock(self, lock: ClusterLock) -> None:
+        """Remove this lock (and only it); a lock already gone is no error."""
+
+    @abc.abstractmethod
+    def find_lock(self, cluster: str) -> ClusterLock | None:
+        """The cluster's lock, expired or not, or None. Changes nothing."""
 
     @abc.abstractmethod
     def find_security_group(self, cluster: str) -> str | None:
@@ -233,7 +295,7 @@ class NodeProvider(abc.ABC):
 
     @abc.abstractmethod
     def clusters(self) -> list[ClusterSummary]:
-        """Every cluster that still holds a live node or a firewall group."""
+        """Every cluster that still holds a live node, a firewall group or a lock."""
 
     @abc.abstractmethod
     def terminate(self, instance_ids: Sequence[str]) -> None:

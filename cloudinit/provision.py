@@ -5,14 +5,26 @@ tag and works out what is missing. ``up`` carries the plan out. The cloud's
 tags are the only state, so ``up`` repairs a cluster (one launch per missing
 task, carrying its index explicitly) and is a no-op on a complete one.
 
+``up`` and ``down`` each hold the cluster's lock (`NodeProvider.acquire_lock`)
+from before they read the cluster until they are done: a second run of
+either, from this machine or another, is refused instead of launching a
+second set of instances.
+
 Progress goes to an ``on_event(str)`` callback: this module never prints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+import re
+import socket
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 from tfcluster.cloudinit.config import UBUNTU_AMI_SSM_PARAMETER, ClusterConfig
 from tfcluster.cloudinit.provider import (
@@ -20,6 +32,7 @@ from tfcluster.cloudinit.provider import (
     PENDING,
     RUNNING,
     TAG_CLUSTER,
+    ClusterLock,
     ClusterSummary,
     LaunchSpec,
     Node,
@@ -40,6 +53,12 @@ TERMINATE_TIMEOUT = 600.0
 """Seconds for instances to terminate (EC2 takes ~30-120 s)."""
 GROUP_DELETE_TIMEOUT = 300.0
 """Seconds for a firewall group to become deletable once its instances are gone."""
+LOCK_TTL = 3600.0
+"""Seconds a run's lock lasts: longer than any up or down, short enough that a
+lock left by a crashed run does not block the cluster for long."""
+
+_ACCELERATED = re.compile(r"^(p[0-9]|g[0-9]|gr[0-9]|dl[0-9]|trn[0-9]|inf[0-9])")
+"""EC2 families with GPUs or other accelerators (p5, g6e, trn2, ...): the costly ones."""
 
 DnsCheck = Callable[[str], bool | None]
 """Whether a DNS name has its record (None: cannot tell)."""
@@ -55,6 +74,10 @@ class UpFailed(ProviderError):
     def __init__(self, message: str, cause: BaseException) -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class UpCancelled(ProviderError):
+    """The operator declined the launch when asked; nothing was created."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +114,16 @@ class Plan:
     surplus: tuple[Node, ...] = ()
     image_id: str | None = None
     subnet_id: str | None = None
+    instance_types: tuple[tuple[str, int], ...] = ()
+    """(instance type, count) of what ``launches`` start, biggest count first."""
 
     @property
     def complete(self) -> bool:
         return self.security_group is not None and not self.launches
+
+    @property
+    def new_instances(self) -> int:
+        return sum(count for _, count in self.instance_types)
 
     def describe(self) -> list[str]:
         """The plan as lines for the operator."""
@@ -111,6 +140,9 @@ class Plan:
         lines.extend(launch.describe() for launch in self.launches)
         if self.launches and self.image_id:
             lines.append(f"image {self.image_id}")
+        if self.instance_types:
+            per_type = ", ".join(f"{count} x {kind}" for kind, count in self.instance_types)
+            lines.append(f"instances to launch: {per_type} ({self.new_instances} in all)")
         lines.extend(f"ignore {n.label} {n.instance_id}: {n.state}" for n in self.stale)
         lines.extend(
             f"leave {n.label} {n.instance_id} running: beyond the configured count"
@@ -135,8 +167,23 @@ class UpResult:
 
 @dataclass(frozen=True)
 class DownResult:
+    """What ``down`` removed, and what it could not (``left_*``: run ``down`` again)."""
+
     terminated: tuple[str, ...]
     security_groups: tuple[str, ...]
+    left_instances: tuple[str, ...] = ()
+    left_security_groups: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not (self.left_instances or self.left_security_groups)
+
+    def describe_left(self) -> str:
+        parts = [f"instance(s) {', '.join(self.left_instances)}"] if self.left_instances else []
+        if self.left_security_groups:
+            parts.append(f"security group(s) {', '.join(self.left_security_groups)}")
+        return " and ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -154,17 +201,59 @@ def dns_name(node: Node, zone: str) -> str | None:
 
 
 def ingress_ports(config: ClusterConfig) -> list[PortRange]:
-    """The TCP ports the cluster's nodes open to each other.
+    """The TCP ports the cluster's nodes dial on each other, and no other.
 
     DNS needs none: each node's CoreDNS answers on its own loopback and reads
     etcd over the etcd client port.
     """
     ports = [PortRange(config.tf_port, config.tf_port, "tensorflow")]
     if config.control_node:
-        client, peer = DEFAULT_LAYOUT.etcd_client_port, DEFAULT_LAYOUT.etcd_peer_port
+        # Only the client port: the single etcd member's peer port listens on loopback.
+        client = DEFAULT_LAYOUT.etcd_client_port
         ports.append(PortRange(client, client, "etcd client"))
-        ports.append(PortRange(peer, peer, "etcd peer"))
     return ports
+
+
+def lock_holder(operation: str) -> str:
+    """Who holds a lock, for the message another run shows: ``up by ana@laptop pid 4242``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{operation} by {user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+@contextlib.contextmanager
+def cluster_lock(
+    provider: NodeProvider, cluster: str, operation: str, on_event: Progress = no_progress
+) -> Iterator[ClusterLock]:
+    """Hold the cluster's lock for the block; `ClusterBusy` if another run holds it."""
+    lock = provider.acquire_lock(cluster, lock_holder(operation), LOCK_TTL)
+    try:
+        yield lock
+    finally:
+        try:
+            provider.release_lock(lock)
+        except ProviderError as exc:
+            on_event(
+                f"warning: could not release the lock of cluster {cluster} ({exc}); it expires "
+                f"{lock.expires:%H:%M:%S} UTC, or run 'tfcluster unlock --cluster {cluster}'"
+            )
+
+
+def confirmation_reasons(config: ClusterConfig, plan: Plan) -> list[str]:
+    """Why launching ``plan`` should be confirmed first: size over ``max_instances``, GPUs."""
+    reasons = []
+    total = len(plan.existing) + plan.new_instances
+    if plan.new_instances and total > config.max_instances:
+        reasons.append(
+            f"the cluster would have {total} instances, more than max_instances "
+            f"({config.max_instances})"
+        )
+    accelerated = sorted({kind for kind, _ in plan.instance_types if _ACCELERATED.match(kind)})
+    if accelerated:
+        reasons.append(f"it launches GPU/accelerator instance types ({', '.join(accelerated)})")
+    return reasons
 
 
 def _missing_launches(role: str, wanted: int, live: Sequence[Node]) -> list[Launch]:
@@ -206,6 +295,9 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
         provider.check_image(image_id)
         if subnet_id is None and config.vpc_id is not None:
             subnet_id = provider.subnet_in(config.vpc_id)
+    types: Counter[str] = Counter()
+    for item in launches:
+        types[config.instance_type(item.role)] += item.count
     return Plan(
         cluster=config.cluster,
         security_group=provider.find_security_group(config.cluster),
@@ -215,7 +307,20 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
         surplus=tuple(surplus),
         image_id=image_id,
         subnet_id=subnet_id,
+        instance_types=tuple(types.most_common()),
     )
+
+
+Confirm = Callable[[Plan, list[str]], bool]
+"""Asked before launching when `confirmation_reasons` finds any; False cancels."""
+
+
+@dataclass
+class _Made:
+    """What this run has created so far, for the rollback and its report."""
+
+    instances: list[str] = field(default_factory=list)
+    security_group: str | None = None
 
 
 def up(
@@ -224,45 +329,70 @@ def up(
     *,
     dry_run: bool = False,
     on_event: Progress = no_progress,
+    confirm: Confirm | None = None,
     run_timeout: float = RUN_TIMEOUT,
     terminate_timeout: float = TERMINATE_TIMEOUT,
 ) -> UpResult:
     """Bring the cluster to its configured shape; report each step to ``on_event``.
 
-    Order: security group; the control node, whose private IP goes into
-    every task's user-data as its etcd endpoint; then one launch per role
-    (count N, so the launch index is the task index), or one per missing
-    index when repairing; then one wait until everything runs.
+    Order: the cluster's lock (a concurrent ``up`` or ``down`` raises
+    `ClusterBusy` before anything is read); the plan, and ``confirm`` when
+    `confirmation_reasons` says so; security group; the control node, whose
+    private IP goes into every task's user-data as its etcd endpoint; then
+    one launch per role (count N, so the launch index is the task index), or
+    one per missing index when repairing; then one wait until everything runs.
 
-    On failure ``up`` rolls back: it terminates every node of the cluster
+    On failure or interruption (KeyboardInterrupt, which the CLI also raises
+    for SIGTERM) ``up`` rolls back: it terminates every node of the cluster
     that was not there when it began (found by tag, so even a launch whose
     answer was lost is caught), waits for them to terminate, and deletes the
     security group if none existed before; then raises `UpFailed` saying
-    what failed and what was undone. A cluster is therefore either what it
-    was before or complete, never half-launched; nodes that were already
-    there are never touched. ``dry_run`` reads and reports the plan only.
+    what failed and what was undone. An interruption of the rollback itself
+    stops it, and `UpFailed` names what is left and the ``down`` command that
+    removes it. Nodes that were already there are never touched.
+    ``dry_run`` reads and reports the plan only, without the lock.
     """
-    plan = plan_up(config, provider)
-    for line in plan.describe():
-        on_event(line)
-    if plan.complete:
-        on_event(f"cluster {config.cluster} is complete: nothing to do")
-        return UpResult(plan, plan.existing, security_group=plan.security_group)
     if dry_run:
+        plan = plan_up(config, provider)
+        for line in plan.describe():
+            on_event(line)
         on_event("dry run: nothing changed")
         return UpResult(plan, plan.existing, security_group=plan.security_group)
-    try:
-        return _apply(config, provider, plan, on_event, run_timeout)
-    except (Exception, KeyboardInterrupt) as exc:
-        summary = _roll_back(config.cluster, provider, plan, on_event, terminate_timeout)
-        reason = exc if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
-        raise UpFailed(f"up failed: {reason}; {summary}", exc) from exc
+    with cluster_lock(provider, config.cluster, "up", on_event):
+        plan = plan_up(config, provider)
+        for line in plan.describe():
+            on_event(line)
+        if plan.complete:
+            on_event(f"cluster {config.cluster} is complete: nothing to do")
+            return UpResult(plan, plan.existing, security_group=plan.security_group)
+        reasons = confirmation_reasons(config, plan)
+        if reasons and confirm is not None and not confirm(plan, reasons):
+            raise UpCancelled(f"up cancelled ({'; '.join(reasons)}): nothing was created")
+        made = _Made()
+        try:
+            return _apply(config, provider, plan, made, on_event, run_timeout)
+        except (Exception, KeyboardInterrupt) as exc:
+            summary = _roll_back(config.cluster, provider, plan, made, on_event, terminate_timeout)
+            if isinstance(exc, KeyboardInterrupt):
+                reason = "interrupted"
+            elif isinstance(exc, ProviderError):
+                reason = str(exc)
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            raise UpFailed(f"up failed: {reason}; {summary}", exc) from exc
+
+
+def _expiry(config: ClusterConfig) -> datetime | None:
+    if config.max_lifetime is None:
+        return None
+    return datetime.now(timezone.utc) + timedelta(seconds=config.max_lifetime)
 
 
 def _apply(
     config: ClusterConfig,
     provider: NodeProvider,
     plan: Plan,
+    made: _Made,
     on_event: Progress,
     run_timeout: float,
 ) -> UpResult:
@@ -273,7 +403,10 @@ def _apply(
         subnet_id=plan.subnet_id,
         vpc_id=config.vpc_id,
     )
+    if created:
+        made.security_group = group_id
     on_event(f"{'created' if created else 'using'} security group {group_id}")
+    expires = _expiry(config)
 
     def launch(item: Launch, etcd: Sequence[str] | None) -> list[Node]:
         if plan.image_id is None:
@@ -288,6 +421,7 @@ def _apply(
             subnet_id=plan.subnet_id,
             key_name=config.key_name,
             spot=config.spot_workers and item.role == "worker",
+            expires=expires,
         )
         nodes = provider.launch(
             config.cluster,
@@ -298,6 +432,7 @@ def _apply(
             index=item.index,
             zone=config.zone,
         )
+        made.instances.extend(n.instance_id for n in nodes)
         on_event(f"{item.describe()}: {', '.join(n.instance_id for n in nodes)}")
         return nodes
 
@@ -329,28 +464,46 @@ def _roll_back(
     cluster: str,
     provider: NodeProvider,
     plan: Plan,
+    made: _Made,
     on_event: Progress,
     timeout: float,
 ) -> str:
-    """Return the cluster to what ``plan`` found; say what was undone, in one clause."""
+    """Return the cluster to what ``plan`` found; say what was undone, in one clause.
+
+    A second interruption stops the rollback: the clause then names what is
+    left (what this run made, as far as it knows) and the command that
+    removes it.
+    """
     before = {n.instance_id for n in (*plan.existing, *plan.stale)}
+    new = list(made.instances)
     done: list[str] = []
     try:
-        new = [n.instance_id for n in provider.nodes(cluster) if n.instance_id not in before]
+        listed = [n.instance_id for n in provider.nodes(cluster) if n.instance_id not in before]
+        new = sorted(set(new) | set(listed))
         if new:
             on_event(f"rolling back: terminating {len(new)} instance(s) this run launched")
             provider.terminate(new)
             provider.wait_terminated(cluster, new, timeout=timeout, on_progress=on_event)
             done.append(f"terminated {len(new)} instance(s) it launched")
+            new = []
         if plan.security_group is None:
             groups = provider.delete_security_groups(cluster, timeout=GROUP_DELETE_TIMEOUT)
+            made.security_group = None
             if groups:
                 done.append(f"deleted security group {', '.join(groups)}")
-    except ProviderError as exc:
+    except (ProviderError, KeyboardInterrupt) as exc:
         log.debug("roll back failed", exc_info=True)
+        why = (
+            "roll back interrupted"
+            if isinstance(exc, KeyboardInterrupt)
+            else (f"roll back incomplete ({exc})")
+        )
+        left = [f"instance(s) {', '.join(new)}"] if new else []
+        if made.security_group is not None:
+            left.append(f"security group {made.security_group}")
         return (
-            f"roll back incomplete ({exc}): run 'tfcluster down --cluster {cluster}' "
-            "to remove what is left"
+            f"{why}; left: {' and '.join(left) or 'nothing known'}; "
+            f"remove it with 'tfcluster down --cluster {cluster} --yes'"
         )
     if not done:
         return "nothing to roll back"
@@ -363,24 +516,50 @@ def down(
     *,
     on_event: Progress = no_progress,
     timeout: float = TERMINATE_TIMEOUT,
+    group_timeout: float = GROUP_DELETE_TIMEOUT,
 ) -> DownResult:
     """Terminate every instance tagged for ``cluster``, wait, delete its security groups.
 
-    Idempotent: with nothing tagged for the cluster it changes nothing and
-    says so. Terminates rather than stops: a stopped instance still costs
-    its disk and keeps the group in use.
+    Holds the cluster's lock. Idempotent: with nothing tagged for the cluster
+    it changes nothing and says so. Terminates rather than stops: a stopped
+    instance still costs its disk and keeps the group in use. Transient API
+    errors are retried with backoff (the provider's client); what still
+    fails is returned in ``left_*`` and ``errors`` rather than raised, so the
+    caller can say exactly what remains, and a second ``down`` finishes.
     """
-    ids = [n.instance_id for n in provider.nodes(cluster)]
-    if ids:
-        on_event(f"terminating {len(ids)} instance(s) of cluster {cluster}")
-        provider.terminate(ids)
-        provider.wait_terminated(cluster, ids, timeout=timeout, on_progress=on_event)
-    groups = provider.delete_security_groups(cluster, timeout=GROUP_DELETE_TIMEOUT)
-    if groups:
-        on_event(f"deleted security group {', '.join(groups)}")
-    if not ids and not groups:
-        on_event(f"nothing to remove: no instance or security group has {TAG_CLUSTER}={cluster}")
-    return DownResult(tuple(ids), tuple(groups))
+    with cluster_lock(provider, cluster, "down", on_event):
+        ids = [n.instance_id for n in provider.nodes(cluster)]
+        errors: list[str] = []
+        left: list[str] = []
+        if ids:
+            on_event(f"terminating {len(ids)} instance(s) of cluster {cluster}")
+            try:
+                provider.terminate(ids)
+                provider.wait_terminated(cluster, ids, timeout=timeout, on_progress=on_event)
+            except ProviderError as exc:
+                errors.append(str(exc))
+                left = [n.instance_id for n in provider.nodes(cluster)]
+        groups: list[str] = []
+        left_groups: list[str] = []
+        if left:
+            # A group still attached to an instance cannot go: say so, don't wait for it.
+            found = provider.find_security_group(cluster)
+            left_groups = [found] if found else []
+        else:
+            try:
+                groups = provider.delete_security_groups(cluster, timeout=group_timeout)
+            except ProviderError as exc:
+                errors.append(str(exc))
+                found = provider.find_security_group(cluster)
+                left_groups = [found] if found else []
+        if groups:
+            on_event(f"deleted security group {', '.join(groups)}")
+        if not ids and not groups and not left_groups:
+            on_event(
+                f"nothing to remove: no instance or security group has {TAG_CLUSTER}={cluster}"
+            )
+        removed = tuple(i for i in ids if i not in left)
+        return DownResult(removed, tuple(groups), tuple(left), tuple(left_groups), tuple(errors))
 
 
 def status(
