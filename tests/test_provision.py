@@ -490,7 +490,7 @@ def test_status_shows_which_dns_records_etcd_holds(
         etcd.delete_prefix(prefix)
     assert status.exit_code == 0, status.output
     header = status.stdout.splitlines()[0].split()
-    assert header[-2:] == ["RECORD", "LEFT"], header  # ... DNS RECORD, TIME LEFT
+    assert header[-3:] == ["RECORD", "TIME", "LEFT"], header
     cells = {tuple(r.split()[1:3]): r.split()[-2] for r in status.stdout.splitlines()[1:]}
     assert cells[("worker", "1")] == "present"
     assert cells[("worker", "0")] == "missing"
