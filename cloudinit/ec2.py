@@ -220,6 +220,17 @@ def check_endpoint_url(url: str) -> str:
     return url
 
 
+def _answered_by_the_api(http_response: Any, parsed: dict[str, Any], model: Any, **_: Any) -> None:
+    """Every answer of the AWS APIs, errors included, carries a request id. A web page
+    from whatever else answers at the endpoint (a proxy's sign-in page) parses as an
+    empty result instead of failing: refuse it, before it reads as "nothing there"."""
+    if not parsed.get("ResponseMetadata", {}).get("RequestId"):
+        kind = http_response.headers.get("content-type", "no content type")
+        raise InvalidEndpoint(
+            f"{model.name}: what answers at the endpoint is not the AWS API ({kind}, no request id)"
+        )
+
+
 def _tags(resource: dict[str, Any]) -> dict[str, str]:
     return {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
 
@@ -350,12 +361,14 @@ class Ec2Provider(NodeProvider):
 
     def _client(self, service: str) -> Any:
         with translate_errors(f"setting up the {service} client"):
-            return self._session.client(
+            client = self._session.client(
                 service,
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,
                 config=CLIENT_CONFIG,
             )
+        client.meta.events.register("after-call.*.*", _answered_by_the_api)
+        return client
 
     # -- lock -------------------------------------------------------------------
 

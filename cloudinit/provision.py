@@ -477,11 +477,13 @@ def _roll_back(
     before = {n.instance_id for n in (*plan.existing, *plan.stale)}
     new = list(made.instances)
     done: list[str] = []
+    asked = False
     try:
         listed = [n.instance_id for n in provider.nodes(cluster) if n.instance_id not in before]
         new = sorted(set(new) | set(listed))
         if new:
             on_event(f"rolling back: terminating {len(new)} instance(s) this run launched")
+            asked = True
             provider.terminate(new)
             provider.wait_terminated(cluster, new, timeout=timeout, on_progress=on_event)
             done.append(f"terminated {len(new)} instance(s) it launched")
@@ -498,7 +500,8 @@ def _roll_back(
             if isinstance(exc, KeyboardInterrupt)
             else (f"roll back incomplete ({exc})")
         )
-        left = [f"instance(s) {', '.join(new)}"] if new else []
+        state = " (termination asked for, maybe not done)" if asked else ""
+        left = [f"instance(s) {', '.join(new)}{state}"] if new else []
         if made.security_group is not None:
             left.append(f"security group {made.security_group}")
         return (

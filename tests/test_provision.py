@@ -63,6 +63,7 @@ def mutating(calls: list[str]) -> list[str]:
         changes = changes[1:-1]
     return changes
 
+
 # -- fixtures ----------------------------------------------------------------------
 
 
@@ -173,7 +174,8 @@ def inject_error(client: Any, operation: str, code: str, *, role: str | None = N
             return None
         response = AWSResponse("https://ec2.us-east-1.amazonaws.com/", 400, {}, None)
         error = {"Code": code, "Message": f"{code} (injected by the test)."}
-        return response, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+        metadata = {"HTTPStatusCode": 400, "RequestId": "injected"}  # as EC2's errors carry
+        return response, {"Error": error, "ResponseMetadata": metadata}
 
     client.meta.events.register(f"before-call.ec2.{operation}", answer)
 

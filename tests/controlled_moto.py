@@ -1,0 +1,201 @@
+"""A moto server on loopback whose answers a test can count, hold or fail.
+
+moto plays the EC2 API; this wraps its WSGI app so that a test can
+* count the calls per action (``calls``),
+* hold one call's answer until the test has done something, e.g. send
+  SIGINT to an ``up`` at a chosen phase (``hold``): the action is carried out
+  first (``before=False``: the answer is "lost in flight", as when a client
+  is interrupted while waiting) or only after the release (``before=True``),
+* answer an action with an EC2 error a number of times (``fail``), for what
+  moto cannot produce by itself (throttling, a group still in use).
+
+The server is a real HTTP server on 127.0.0.1 and the code under test talks
+to it through ``--endpoint-url`` from its own process. It serves one call at
+a time: moto's handlers are not atomic under concurrent requests (two
+CreateKeyPair of one name can both succeed), where EC2's are.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import requests
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import make_server
+
+Params = dict[str, str]
+HOLD_TIMEOUT = 120.0
+"""No held answer waits longer than this, whatever the test does."""
+
+ERROR_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+    "<Message>{message}</Message></Error></Errors><RequestID>injected</RequestID></Response>"
+)
+
+
+@dataclass
+class Hold:
+    """One held answer: ``reached`` is set when the call arrives; ``release()`` lets it go."""
+
+    action: str
+    match: Callable[[Params], bool]
+    before: bool
+    reached: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def wait_reached(self, timeout: float = 60.0) -> None:
+        if not self.reached.wait(timeout):
+            raise AssertionError(f"no {self.action} call arrived within {timeout} s")
+
+
+@dataclass
+class Failure:
+    action: str
+    code: str
+    times: int
+    status: int
+
+
+def tag_value(params: Params, key: str) -> str | None:
+    """The value of tag ``key`` in a call's TagSpecification parameters."""
+    for name, value in params.items():
+        if name.endswith(".Key") and value == key and ".Tag." in name:
+            return params.get(name[: -len(".Key")] + ".Value")
+    return None
+
+
+class ControlledMoto:
+    """The WSGI middleware around moto, and the server that runs it."""
+
+    def __init__(self) -> None:
+        self.app = DomainDispatcherApplication(create_backend_app)
+        self.calls: Counter[str] = Counter()
+        self.log: list[str] = []
+        self._holds: list[Hold] = []
+        self._failures: list[Failure] = []
+        self._lock = threading.Lock()
+        self._serial = threading.Lock()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # -- test controls ----------------------------------------------------------
+
+    def hold(
+        self,
+        action: str,
+        match: Callable[[Params], bool] = lambda _params: True,
+        *,
+        before: bool = False,
+    ) -> Hold:
+        """Hold the next ``action`` call whose parameters ``match``."""
+        hold = Hold(action, match, before)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
+    def fail(self, action: str, code: str, *, times: int = 1, status: int = 400) -> None:
+        """Answer the next ``times`` calls of ``action`` with the EC2 error ``code``."""
+        with self._lock:
+            self._failures.append(Failure(action, code, times, status))
+
+    def clear(self) -> None:
+        """No more holds (each released) or failures; counters reset."""
+        with self._lock:
+            for hold in self._holds:
+                hold.release()
+            self._holds.clear()
+            self._failures.clear()
+            self.calls.clear()
+            self.log.clear()
+
+    def mutating_calls(self) -> list[str]:
+        prefixes = ("Run", "Create", "Authorize", "Revoke", "Terminate", "Delete", "Stop")
+        return [action for action in self.log if action.startswith(prefixes)]
+
+    # -- WSGI ---------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        params = {k: v[0] for k, v in parse_qs(body.decode(errors="replace")).items()}
+        action = params.get("Action", "")
+        with self._lock:
+            if action:
+                self.calls[action] += 1
+                self.log.append(action)
+            failure = next((f for f in self._failures if f.action == action and f.times), None)
+            if failure is not None:
+                failure.times -= 1
+            hold = next((h for h in self._holds if h.action == action and h.match(params)), None)
+            if hold is not None:
+                self._holds.remove(hold)
+        if failure is not None:
+            text = ERROR_BODY.format(code=failure.code, message="injected by the test")
+            start_response(f"{failure.status} Error", [("Content-Type", "text/xml")])
+            return [text.encode()]
+        if hold is not None and hold.before:
+            hold.reached.set()
+            hold.released.wait(HOLD_TIMEOUT)
+        captured: dict[str, Any] = {}
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            captured["status"], captured["headers"] = status, headers
+            return lambda _data: None
+
+        with self._serial:
+            chunks = list(self.app(environ, capture))
+        if hold is not None and not hold.before:
+            hold.reached.set()
+            hold.released.wait(HOLD_TIMEOUT)
+        start_response(captured["status"], captured["headers"])
+        return chunks
+
+    # -- server -------------------------------------------------------------------
+
+    def start(self) -> str:
+        self._server = make_server(
+            "127.0.0.1", 0, self, threaded=True, request_handler=MotoRequestHandler
+        )
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self.url
+
+    def reset_state(self) -> None:
+        """moto's own state back to empty (its reset endpoint), controls cleared."""
+        self.clear()
+        requests.post(f"{self.url}/moto-api/reset", timeout=10).raise_for_status()
+        self.clear()
+
+    def stop(self) -> None:
+        self.clear()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def running() -> Iterator[ControlledMoto]:
+    """For a fixture: a started server, stopped afterwards."""
+    server = ControlledMoto()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
