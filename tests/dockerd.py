@@ -135,9 +135,22 @@ def docker_engine(root: Path) -> Iterator[Docker]:
         yield Docker(cli, env, own=True)
     finally:
         _stop(proc)
-        # A clean shutdown unmounts every layer; whatever is left is ours alone.
+        # A clean shutdown unmounts the image layers but leaves libnetwork's
+        # namespace mount (exec/netns/default); every mount below root is ours.
+        for mount in _mounts_below(root):
+            subprocess.run(["umount", "--lazy", mount], check=False, timeout=30)
         shutil.rmtree(root / "data", ignore_errors=True)
         shutil.rmtree(root / "exec", ignore_errors=True)
+        left = _mounts_below(root)
+        assert not left, f"mounts left under {root}: {left}"
+
+
+def _mounts_below(root: Path) -> list[str]:
+    """Mount points under ``root``, deepest first."""
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mounts") as table:
+        points = [line.split()[1] for line in table]
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
