@@ -186,8 +186,10 @@ def test_agent_record_through_the_containers(
 ) -> None:
     stack = compose.stack
     start = time.monotonic()
-    compose("up", "--detach", timeout=UP_TIMEOUT)
-    # `up` itself waits for etcd's health check before it starts CoreDNS.
+    # `up` waits for etcd's health check before it starts CoreDNS; Compose v2
+    # and later wait for CoreDNS's too (--wait), 1.29 cannot.
+    wait = ["--wait"] if compose.cli[-1] == "compose" else []
+    compose("up", "--detach", *wait, timeout=UP_TIMEOUT)
     for service in SERVICES:
         wait_for(
             lambda service=service: True if compose.health(service) == "healthy" else None,
