@@ -39,10 +39,15 @@ class Docker:
     own: bool
 
     def run(
-        self, argv: Sequence[str], *, timeout: float, check: bool = True
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``argv`` (a docker or compose command line) against this engine."""
-        return _run(argv, env=self.env, timeout=timeout, check=check)
+        return _run(argv, env={**self.env, **(env or {})}, timeout=timeout, check=check)
 
     def docker(
         self, *args: str, timeout: float = 30.0, check: bool = True

@@ -97,8 +97,8 @@ class Compose:
 
     @property
     def env(self) -> dict[str, str]:
+        """The compose file's variables: this run's ports and Corefile."""
         return {
-            **self.docker.env,
             "TFCLUSTER_ETCD_PORT": str(self.stack.etcd_port),
             "TFCLUSTER_ETCD_PEER_PORT": str(self.stack.etcd_peer_port),
             "TFCLUSTER_COREFILE": str(self.corefile),
@@ -107,10 +107,10 @@ class Compose:
 
     def __call__(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         argv = [*self.cli, "--project-name", self.project, "--file", str(COMPOSE_FILE), *args]
-        return Docker(self.docker.cli, self.env, self.docker.own).run(argv, timeout=timeout)
+        return self.docker.run(argv, timeout=timeout, env=self.env)
 
     def labelled(self, kind: str) -> list[str]:
-        """Names of the project's containers, volumes or networks that the engine holds."""
+        """IDs of the project's containers, volumes or networks that the engine holds."""
         args = [kind, "ls"] if kind != "container" else ["ps", "-a"]
         out = self.docker.docker(
             *args, "--quiet", "--filter", f"label=com.docker.compose.project={self.project}"
@@ -175,6 +175,7 @@ def test_images_are_the_pinned_static_builds(docker: Docker, compose: Compose) -
     for service, tag in tags.items():
         assert tag == f"tfcluster/{service}:{versions[service]}"
         flag = "-version" if service == "coredns" else "--version"
+        # FROM scratch has no libc: only a static binary runs at all.
         out = docker.docker("run", "--rm", "--network", "none", tag, flag).stdout
         assert versions[service] in out.splitlines()[0], out
         size = int(docker.docker("image", "inspect", "--format", "{{.Size}}", tag).stdout)
