@@ -265,6 +265,9 @@ def test_agent_record_through_the_containers(
     finally:
         client.close()
 
+    # What down -v must remove is found by the same filter before it runs.
+    assert len(compose.labelled("container")) == len(SERVICES)
+    assert len(compose.labelled("volume")) == 1
     start = time.monotonic()
     compose("down", "--volumes", "--timeout", "5", timeout=UP_TIMEOUT)
     print(f"compose: down -v in {time.monotonic() - start:.1f} s")
