@@ -48,17 +48,17 @@ def render_corefile(settings: CorefileSettings) -> str:
     )
 
 
-# coredns/Corefile, the file docker-compose mounts: CoreDNS in its container
-# reaches etcd by its service name and listens on every container address.
+# coredns/Corefile, the file docker-compose mounts. The containers use the
+# host's network, so this is the local stack's Corefile (StackSettings()):
+# loopback only, the zone only, etcd on 127.0.0.1:23790.
 DOCKER_COMPOSE = CorefileSettings(
     cluster="local",
     zone="tensorflow.local",
-    etcd_endpoints=("http://etcd:2379",),
-    dns_bind="0.0.0.0",
-    dns_port=53,
-    ready_addr="0.0.0.0:8181",
-    health_addr="0.0.0.0:8080",
-    upstreams=("/etc/resolv.conf",),
+    etcd_endpoints=("http://127.0.0.1:23790",),
+    dns_bind="127.0.0.1",
+    dns_port=15353,
+    ready_addr="127.0.0.1:18181",
+    health_addr="127.0.0.1:18080",
 )
 
 
