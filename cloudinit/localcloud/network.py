@@ -91,12 +91,36 @@ def ip(*args: str, namespace_name: str | None = None, check: bool = True) -> str
     return done.stdout
 
 
+def _accept_on_bridge(bridge: str, action: str) -> None:
+    """Insert (``-I``) or delete (``-D``) the rule that lets instances talk to each other.
+
+    With br_netfilter loaded (net.bridge.bridge-nf-call-iptables = 1) frames
+    between two ports of a bridge also pass the host's iptables FORWARD chain,
+    whose policy a Docker engine sets to DROP; then no instance reaches
+    another. The rule accepts traffic from this bridge to itself (as Docker
+    does for its own bridge) and nothing else. Without iptables there is no
+    such chain, and nothing to do.
+    """
+    if shutil.which("iptables") is None:
+        return
+    rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+    argv = ["iptables", "-w", "10"]
+    present = subprocess.run([*argv, "-C", *rule], capture_output=True, timeout=COMMAND_TIMEOUT)
+    if (present.returncode == 0) == (action == "-I"):
+        return
+    done = subprocess.run([*argv, action, *rule], capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT)  # fmt: skip
+    if done.returncode != 0:
+        raise NetworkError(f"iptables {action} {' '.join(rule)}: {done.stderr.strip()}")
+
+
 def ensure_bridge(cluster: str, cidr: str = CIDR) -> str:
     """The cluster's bridge, up, with the gateway address; created if missing."""
     bridge = bridge_name(cluster)
     if not _links(bridge):
         ip("link", "add", bridge, "type", "bridge")
         ip("link", "set", bridge, "alias", label(cluster))
+    _accept_on_bridge(bridge, "-I")
     prefix = ipaddress.ip_network(cidr).prefixlen
     address = f"{gateway(cidr)}/{prefix}"
     holder = _holder(gateway(cidr))
@@ -190,6 +214,8 @@ def remove_cluster(cluster: str) -> list[str]:
         removed.append(name)
     for link in _links():
         if link.get("ifalias") == label(cluster):
+            if link.get("ifname") == bridge_name(cluster):
+                _accept_on_bridge(bridge_name(cluster), "-D")
             ip("link", "delete", str(link["ifname"]), check=False)
             removed.append(str(link["ifname"]))
     return removed
