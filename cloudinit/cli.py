@@ -19,12 +19,7 @@ from tfcluster.cloudinit.config import (
 from tfcluster.cloudinit.ec2 import Ec2Provider
 from tfcluster.cloudinit.provider import ProviderError
 from tfcluster.cloudinit.userdata import RenderError, render_parts, render_user_data
-
-
-@click.group()
-def main() -> None:
-    """tfcluster: distributed TensorFlow on plain cloud machines."""
-
+from tfcluster.discovery.cli import main as main  # the tfcluster group; these load lazily
 
 EXIT_PROVIDER = 1
 EXIT_USAGE = 2
@@ -87,7 +82,7 @@ def _local_cloud(cluster: str, loopback: bool | None = None) -> Any:
     return LocalCloud(cluster, loopback=loopback)
 
 
-@main.command()
+@click.command()
 @click.option(
     "--config",
     "config_path",
@@ -194,7 +189,7 @@ def _up_local(
         click.echo(f"\nchief log (training output): {cloud.agent_log(chief)}")
 
 
-@main.command()
+@click.command()
 @click.option("--cluster", help="Cluster to remove (with --local: default 'local').")
 @_region_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -226,7 +221,7 @@ def down(
         provision.down(cluster, provider, on_event=_progress)
 
 
-@main.command()
+@click.command()
 @click.option("--cluster", help="Cluster to show (with --local: default 'local').")
 @_region_option
 @_endpoint_option
@@ -326,7 +321,7 @@ def _status_local(cluster: str) -> None:
     )
 
 
-@main.command(name="ls")
+@click.command(name="ls")
 @_region_option
 @_endpoint_option
 def list_clusters(region: str | None, endpoint_url: str | None) -> None:
@@ -349,7 +344,7 @@ def list_clusters(region: str | None, endpoint_url: str | None) -> None:
     click.echo(_table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS"), rows))
 
 
-@main.command()
+@click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
 @click.option("--role", required=True, type=click.Choice(INSTANCE_ROLES))
 @click.option("--index", type=click.IntRange(min=0), help="Explicit task index (replacement).")
@@ -385,13 +380,3 @@ def render(
         click.echo(part.content, nl=False)
     packed = "gzip-compressed" if data[:2] == b"\x1f\x8b" else "plain"
     click.echo(f"# ---- {len(data)} bytes of user-data ({packed})")
-
-
-def _register_agent_commands() -> None:
-    from tfcluster.cloudinit.agent_cli import agent, records, wait
-
-    for command in (agent, wait, records):
-        main.add_command(command)
-
-
-_register_agent_commands()
