@@ -22,12 +22,7 @@ from tfcluster.cloudinit.config import (
 from tfcluster.cloudinit.ec2 import Ec2Provider
 from tfcluster.cloudinit.provider import CLUSTER_NAME, InvalidEndpoint, Node, ProviderError
 from tfcluster.cloudinit.userdata import RenderError, render_parts, render_user_data
-
-
-@click.group()
-def main() -> None:
-    """tfcluster: distributed TensorFlow on plain cloud machines."""
-
+from tfcluster.discovery.cli import main as main  # the tfcluster group; these load lazily
 
 EXIT_PROVIDER = 1
 EXIT_USAGE = 2
@@ -137,7 +132,7 @@ def _local_cloud(cluster: str, loopback: bool | None = None) -> Any:
     return LocalCloud(cluster, loopback=loopback)
 
 
-@main.command()
+@click.command()
 @click.option(
     "--config",
     "config_path",
@@ -262,7 +257,7 @@ def _up_local(
         click.echo(f"\nchief log (training output): {cloud.agent_log(chief)}")
 
 
-@main.command()
+@click.command()
 @click.option("--cluster", help="Cluster to remove (with --local: default 'local').")
 @_region_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -326,7 +321,7 @@ def down(
         raise SystemExit(EXIT_PROVIDER)
 
 
-@main.command()
+@click.command()
 @click.option("--cluster", help="Cluster to show (with --local: default 'local').")
 @_region_option
 @_endpoint_option
@@ -430,7 +425,7 @@ def _status_local(cluster: str) -> None:
     )
 
 
-@main.command(name="ls")
+@click.command(name="ls")
 @_region_option
 @_endpoint_option
 def list_clusters(region: str | None, endpoint_url: str | None) -> None:
@@ -476,7 +471,7 @@ def unlock(cluster: str, region: str | None, endpoint_url: str | None) -> None:
     click.echo(f"removed the lock of cluster {cluster} ({lock.describe()})")
 
 
-@main.command()
+@click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
 @click.option("--role", required=True, type=click.Choice(INSTANCE_ROLES))
 @click.option("--index", type=click.IntRange(min=0), help="Explicit task index (replacement).")
@@ -512,13 +507,3 @@ def render(
         click.echo(part.content, nl=False)
     packed = "gzip-compressed" if data[:2] == b"\x1f\x8b" else "plain"
     click.echo(f"# ---- {len(data)} bytes of user-data ({packed})")
-
-
-def _register_agent_commands() -> None:
-    from tfcluster.cloudinit.agent_cli import agent, records, wait
-
-    for command in (agent, wait, records):
-        main.add_command(command)
-
-
-_register_agent_commands()

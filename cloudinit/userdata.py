@@ -353,33 +353,32 @@ def agent_config(
     endpoints: Sequence[str],
     layout: Layout = DEFAULT_LAYOUT,
 ) -> dict[str, Any]:
-    """The agent's /etc/tfcluster/agent.json (keys as the agent reads them)."""
-    result: dict[str, Any] = {
-        "cluster": config.cluster,
-        "zone": config.zone,
-        "roles": config.counts,
-        "role": role,
-    }
-    if index is not None:
-        result["index"] = index
-    result |= {
-        "tf_port": config.tf_port,
-        "etcd_endpoints": list(endpoints),
-        "dns_server": f"{layout.dns_bind}:{layout.dns_port}",
-        "imds_endpoint": layout.imds_endpoint,
-        "lease_ttl": config.lease_ttl,
-        "record_ttl": config.record_ttl,
-        "tf_config_path": layout.tf_config_path,
-    }
-    if layout.distinct_ports:
-        result["distinct_ports"] = True
-    if not layout.check_system_resolver:
-        result["check_system_resolver"] = False
-    if layout.tf_config_addresses != DEFAULT_LAYOUT.tf_config_addresses:
-        result["tf_config_addresses"] = layout.tf_config_addresses
-    if role == "chief" and config.program is not None:
-        result["program"] = list(config.program)
-    return result
+    """The agent's /etc/tfcluster/agent.json, written through the agent's own schema
+    (tfcluster.discovery.agent_config), which reads it back on the instance."""
+    from pathlib import Path
+
+    from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, role_counts
+
+    return dump_agent_config(
+        AgentConfig(
+            cluster=config.cluster,
+            zone=config.zone,
+            roles=role_counts(config.counts),
+            role=role,
+            etcd_endpoints=tuple(endpoints),
+            index=index,
+            tf_port=config.tf_port,
+            distinct_ports=layout.distinct_ports,
+            dns_server=(layout.dns_bind, layout.dns_port),
+            imds_endpoint=layout.imds_endpoint,
+            lease_ttl=config.lease_ttl,
+            record_ttl=config.record_ttl,
+            check_system_resolver=layout.check_system_resolver,
+            tf_config_path=Path(layout.tf_config_path),
+            tf_config_addresses=layout.tf_config_addresses,
+            program=config.program if role == "chief" else None,
+        )
+    )
 
 
 def _multipart(parts: Sequence[Part]) -> bytes:

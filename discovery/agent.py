@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tfcluster.discovery import etcdclient, records
+from tfcluster.discovery.agent_config import AgentConfig, ConfigError
 from tfcluster.discovery.barrier import Barrier, BarrierTimeout
 from tfcluster.discovery.dns import DNSClient, Endpoint
-from tfcluster.discovery.identity import AgentConfig, ConfigError, Identity, resolve_identity
+from tfcluster.discovery.identity import Identity, resolve_identity
 from tfcluster.discovery.imds import IMDSClient, IMDSError
 from tfcluster.discovery.registry import EtcdUnavailable, NameTaken, Registry, RegistryError
 from tfcluster.discovery.tfconfig import build_cluster_spec, write_tf_config

@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tfcluster.cloudinit.imds_emulator import IMDSEmulator, InstanceMetadata
 from tfcluster.cloudinit.localstack import StackSettings
+from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, role_counts
 from tfcluster.discovery.waiting import wait_for
 
 
@@ -93,22 +94,21 @@ def make_agent(
         host=ip,
     ).start()
     tf_config_path = tmp / f"{name}.tf_config.json"
-    config = {
-        "cluster": stack.cluster,
-        "zone": stack.zone,
-        "roles": roles,
-        "role": role,
-        "etcd_endpoints": [stack.etcd_endpoint],
-        "dns_server": f"{stack.host}:{stack.dns_port}",
-        "imds_endpoint": emulator.url,
-        "lease_ttl": 4,
-        "record_ttl": 1,
-        "barrier_timeout": 60,
-        "check_system_resolver": False,
-        "distinct_ports": True,
-        "tf_config_path": str(tf_config_path),
-        **overrides,
-    }
+    config = AgentConfig(
+        cluster=stack.cluster,
+        zone=stack.zone,
+        roles=role_counts(roles),
+        role=role,
+        etcd_endpoints=(stack.etcd_endpoint,),
+        dns_server=stack.dns_server,
+        imds_endpoint=emulator.url,
+        lease_ttl=4,
+        record_ttl=1,
+        barrier_timeout=60,
+        check_system_resolver=False,
+        distinct_ports=True,
+        tf_config_path=tf_config_path,
+    )
     config_path = tmp / f"{name}.agent.json"
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps(dump_agent_config(replace(config, **overrides))))
     return AgentProcess(name, ip, config_path, tf_config_path, tmp / f"{name}.log", emulator)

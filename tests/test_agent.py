@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -13,7 +14,7 @@ from conftest import require_tool
 from harness import AgentProcess, make_agent
 from tfcluster.cloudinit import daemons, localstack
 from tfcluster.cloudinit.localstack import free_port
-from tfcluster.discovery import dns, records
+from tfcluster.discovery import dns, etcdclient, records
 from tfcluster.discovery.registry import list_records
 from tfcluster.discovery.waiting import wait_for
 
@@ -163,6 +164,8 @@ def test_agents_survive_an_etcd_restart(own_stack, agents, tmp_path):
     ]
     for agent in pair:
         agent.wait_passed_barrier()
+    path = records.cluster_path(own_stack.cluster)
+    keys = [records.record_key(path, own_stack.zone, records.Member(r, 0)) for r in roles]
 
     daemons.stop(own_stack.run_dir, "etcd")
     for agent in pair:
@@ -181,12 +184,59 @@ def test_agents_survive_an_etcd_restart(own_stack, agents, tmp_path):
         return True if {m.label for m in found} == {"ps0", "worker0"} else None
 
     wait_for(both_resolve, what="both records back in DNS", timeout=30)
-    # Still there after more than a lease TTL: the agents refresh the same lease.
-    deadline = time.monotonic() + 4 * 2
-    while time.monotonic() < deadline:
-        assert both_resolve(), "a record vanished after etcd came back"
-        time.sleep(0.5)
+    # Each agent keeps its name under one lease that it refreshes: the lease's
+    # remaining TTL only falls unless a keepalive resets it, so a rise in it is
+    # an agent's keepalive. The lease may be the one from before the restart,
+    # or a new one if it expired while the agent's client reconnected.
+    etcd = etcdclient.connect(own_stack.etcd_endpoint)
+    try:
+        for key in keys:
+            lease = wait_for(
+                _keepalive_seen(etcd, key),
+                what=f"a keepalive of the lease that holds {key}",
+                timeout=30,
+                interval=0.1,
+                max_interval=0.1,
+            )
+            # A second keepalive of the same lease: no expiry, no new claim.
+            wait_for(
+                _keepalive_seen(etcd, key, lease),
+                what=f"another keepalive of lease {lease:x}",
+                timeout=3 * 4,  # lease_ttl 4 s, keepalive every 4/3 s
+                interval=0.1,
+                max_interval=0.1,
+            )
+    finally:
+        etcd.close()
+    assert both_resolve()
     assert all(agent.proc is not None and agent.proc.poll() is None for agent in pair)
+
+
+def _keepalive_seen(etcd, key: str, lease: int | None = None) -> Callable[[], int | None]:
+    """A check: the id of the lease holding ``key`` once its remaining TTL has
+    risen above its lowest reading. With ``lease``, the key must stay on that
+    lease and the lease alive throughout; without, a new lease starts afresh."""
+    seen: dict[str, int] = {}
+
+    def check() -> int | None:
+        _, meta = etcd.get(key)
+        held = meta.lease_id if meta is not None else None
+        if lease is not None:
+            assert held == lease, f"{key} left lease {lease:x} (now {held})"
+        if held is None or held != seen.get("lease"):
+            seen.clear()
+            if held is not None:
+                seen["lease"] = held
+            return None
+        ttl = etcd.get_lease_info(held).TTL
+        if lease is not None:
+            assert ttl > 0, f"lease {lease:x} expired"
+        if "lowest" in seen and ttl > seen["lowest"]:
+            return held
+        seen["lowest"] = min(ttl, seen.get("lowest", ttl))
+        return None
+
+    return check
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import TEST_CLUSTER, TEST_ZONE, put_members
+from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, role_counts
 from tfcluster.discovery.dns import Endpoint
 from tfcluster.discovery.records import Member
 
@@ -15,22 +16,20 @@ TFCLUSTER = str(Path(sys.executable).parent / "tfcluster")
 ROLES = {"ps": 1, "worker": 1}
 
 
-def config(tmp_path: Path, stack, **overrides) -> Path:
-    path = tmp_path / "agent.json"
-    path.write_text(
-        json.dumps(
-            {
-                "cluster": TEST_CLUSTER,
-                "zone": TEST_ZONE,
-                "roles": ROLES,
-                "role": "worker",
-                "etcd_endpoints": [stack.etcd_endpoint],
-                "dns_server": f"{stack.host}:{stack.dns_port}",
-                "check_system_resolver": False,
-                **overrides,
-            }
-        )
+def config(tmp_path: Path, stack, **raw) -> Path:
+    """A worker's agent config written through the schema; ``raw`` replaces
+    keys of the JSON as written (to write invalid values)."""
+    valid = AgentConfig(
+        cluster=TEST_CLUSTER,
+        zone=TEST_ZONE,
+        roles=role_counts(ROLES),
+        role="worker",
+        etcd_endpoints=(stack.etcd_endpoint,),
+        dns_server=stack.dns_server,
+        check_system_resolver=False,
     )
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({**dump_agent_config(valid), **raw}))
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from conftest import TEST_ZONE, put_members
 from tfcluster.discovery.barrier import Barrier, BarrierTimeout
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.records import Member, parse_label
+from tfcluster.discovery.waiting import wait_for
 
 CLUSTER = {
     Member("ps", 0): Endpoint("127.0.40.1", 2222),
@@ -60,18 +60,32 @@ def test_system_resolver_must_agree_before_passing(stack, etcd, clean_cluster):
 def test_no_dns_query_while_etcd_lacks_a_member(stack, etcd, clean_cluster):
     put_members(etcd, CLUSTER)
     absent = ["worker1"]
+    rounds: list[int] = []  # per round of the barrier: the DNS queries it had sent
+
+    def etcd_missing() -> list[str]:
+        rounds.append(b.dns.queries_sent)
+        return list(absent)
+
     wake = threading.Event()
-    b = barrier(stack, wake=wake, etcd_missing=lambda: list(absent), spread=0)
+    # Intervals far longer than the test: only a wake-up sends the barrier round.
+    b = barrier(stack, wake=wake, etcd_missing=etcd_missing, spread=0, interval=30, max_interval=30)
     passed: list[dict] = []
-    waiter = threading.Thread(target=lambda: passed.append(b.wait(timeout=10)))
+    waiter = threading.Thread(target=lambda: passed.append(b.wait(timeout=60)), daemon=True)
     waiter.start()
     try:
-        # Wake the barrier several times while etcd "lacks" worker1; the pause
-        # only gives its thread the chance to go round (no readiness to await).
-        for _ in range(5):
+        # Each wake-up comes after the barrier has asked etcd_missing again, so
+        # none is lost: six rounds are the first one and one per wake-up.
+        for woken in range(5):
+            wait_for(
+                lambda n=woken + 1: len(rounds) >= n or None,
+                what=f"barrier round {woken + 1}",
+                timeout=5,
+                interval=0.005,
+            )
             wake.set()
-            time.sleep(0.05)
-        assert b.dns.queries_sent == 0
+        wait_for(lambda: len(rounds) >= 6 or None, what="barrier round 6", timeout=5)
+        assert rounds[:6] == [0] * 6
+        assert b.polls == 0
     finally:
         absent.clear()
         wake.set()

@@ -1,34 +1,50 @@
-"""The instance-side commands: `tfcluster agent`, `wait` and `records`.
+"""The `tfcluster` command: the instance's own commands (`agent`, `wait`,
+`records`) and the group that the console script runs.
 
 Library code does the work (tfcluster.discovery); these only parse options,
 set up logging to stderr, turn signals into a clean shutdown and failures into
 one-line messages with the agent's documented exit codes.
+
+The operator's commands (`up`, `down`, `status`, `ls`, `render`) live in
+tfcluster.cloudinit.cli and are imported only when one of them runs (or
+`tfcluster --help` lists them), so an instance starting its agent loads no
+boto3, jinja2 or YAML (tests/test_entry_point.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+
+from tfcluster.discovery.agent_config import AgentConfig, ConfigError, load_agent_config
+
+OPERATOR_COMMANDS = {
+    "up": "tfcluster.cloudinit.cli:up",
+    "down": "tfcluster.cloudinit.cli:down",
+    "status": "tfcluster.cloudinit.cli:status",
+    "ls": "tfcluster.cloudinit.cli:list_clusters",
+    "render": "tfcluster.cloudinit.cli:render",
+}
+"""Command name -> "module:attribute" of a click command, imported on first use."""
 
 CONFIG_HELP = "agent config file (JSON) written by the user-data"
 
 
-def _config(path: Path) -> Any:
-    from tfcluster.discovery.identity import ConfigError, load_agent_config
-
+def _config(path: Path) -> AgentConfig:
     try:
         return load_agent_config(path)
     except ConfigError as exc:
         _fail(2, str(exc))
 
 
-def _fail(code: int, message: str) -> None:
+def _fail(code: int, message: str) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 
@@ -41,7 +57,34 @@ def _logging(verbose: bool) -> None:
     )
 
 
-@click.command()
+class LazyGroup(click.Group):
+    """A click group whose commands named in ``lazy`` ("module:attribute") are
+    imported only when asked for by name."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module_name, _, attribute = self.lazy[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=LazyGroup, lazy=OPERATOR_COMMANDS)
+def main() -> None:
+    """tfcluster: distributed TensorFlow on plain cloud machines."""
+
+
+@main.command()
 @click.option("--config", "config_path", required=True, type=Path, help=CONFIG_HELP)
 @click.option("--no-server", is_flag=True, help="hold the name only; start no TensorFlow process")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
@@ -76,7 +119,7 @@ def agent(config_path: Path, no_server: bool, verbose: bool) -> None:
     logging.getLogger("tfcluster.agent").info("%s", result.message)
 
 
-@click.command()
+@main.command()
 @click.option("--config", "config_path", required=True, type=Path, help=CONFIG_HELP)
 @click.option("--timeout", type=float, default=None, help="seconds (default: barrier_timeout)")
 def wait(config_path: Path, timeout: float | None) -> None:
@@ -104,7 +147,7 @@ def wait(config_path: Path, timeout: float | None) -> None:
         click.echo(f"{member.name(config.zone)}\t{endpoint.host_ip}\t{endpoint.port}")
 
 
-@click.command()
+@main.command()
 @click.option("--config", "config_path", type=Path, help=CONFIG_HELP)
 @click.option("--etcd", "endpoint", help="etcd endpoint, http://HOST:PORT (instead of --config)")
 @click.option("--cluster", help="cluster name (instead of --config)")
