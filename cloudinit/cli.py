@@ -449,7 +449,7 @@ def list_clusters(region: str | None, endpoint_url: str | None) -> None:
     click.echo(_table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS", "LOCK"), rows))
 
 
-@main.command()
+@click.command()
 @click.option("--cluster", required=True, help="Cluster whose lock to remove.")
 @_region_option
 @_endpoint_option

@@ -31,6 +31,7 @@ OPERATOR_COMMANDS = {
     "status": "tfcluster.cloudinit.cli:status",
     "ls": "tfcluster.cloudinit.cli:list_clusters",
     "render": "tfcluster.cloudinit.cli:render",
+    "unlock": "tfcluster.cloudinit.cli:unlock",
 }
 """Command name -> "module:attribute" of a click command, imported on first use."""
 
@@ -77,6 +78,22 @@ class LazyGroup(click.Group):
             raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
         self.add_command(command, cmd_name)
         return command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Usage errors in one line (``Error: ...``, exit 2) instead of click's usage block."""
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 @click.group(cls=LazyGroup, lazy=OPERATOR_COMMANDS)

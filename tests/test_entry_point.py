@@ -12,7 +12,7 @@ import pytest
 
 TFCLUSTER = str(Path(sys.executable).parent / "tfcluster")
 OPERATOR = ("boto3", "botocore", "jinja2", "yaml", "tfcluster.cloudinit")
-COMMANDS = ["agent", "down", "ls", "records", "render", "status", "up", "wait"]
+COMMANDS = ["agent", "down", "ls", "records", "render", "status", "unlock", "up", "wait"]
 
 
 PROBE = """
@@ -67,4 +67,17 @@ def test_help_lists_every_command():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("Commands:", 1)[1].strip().splitlines()
     assert [line.split()[0] for line in lines] == COMMANDS
-    assert subprocess.run([TFCLUSTER, "nope"], capture_output=True, timeout=60).returncode == 2
+    unknown = subprocess.run([TFCLUSTER, "nope"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2
+    assert unknown.stderr == "Error: No such command 'nope'. (see 'tfcluster --help')\n"
+
+
+def test_a_usage_error_is_one_line_and_exit_2():
+    result = subprocess.run(
+        [TFCLUSTER, "up", "--ps", "1e8"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "Error: Invalid value for '--ps': '1e8' is not a valid integer. "
+        "(see 'tfcluster up --help')"
+    ]
