@@ -78,6 +78,5 @@ def test_a_usage_error_is_one_line_and_exit_2():
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "Error: Invalid value for '--ps': '1e8' is not a valid integer. "
-        "(see 'tfcluster up --help')"
+        "Error: Invalid value for '--ps': '1e8' is not a valid integer. (see 'tfcluster up --help')"
     ]
