@@ -12,16 +12,16 @@ from typing import Any
 
 import click
 
-from tfcluster.cloudinit import provision
+from tfcluster.cloudinit import plan, provision
+from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
+from tfcluster.cloudinit.cloud.provider import CLUSTER_NAME, InvalidEndpoint, Node, ProviderError
 from tfcluster.cloudinit.config import (
     INSTANCE_ROLES,
     ConfigError,
     load_cluster_config,
     parse_overrides,
 )
-from tfcluster.cloudinit.ec2 import Ec2Provider
-from tfcluster.cloudinit.provider import CLUSTER_NAME, InvalidEndpoint, Node, ProviderError
-from tfcluster.cloudinit.userdata import RenderError, render_parts, render_user_data
+from tfcluster.cloudinit.render.userdata import RenderError, render_parts, render_user_data
 from tfcluster.discovery.cli import main as main  # the tfcluster group; these load lazily
 
 EXIT_PROVIDER = 1
@@ -64,10 +64,10 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _confirm_launch(yes: bool) -> provision.Confirm:
+def _confirm_launch(yes: bool) -> plan.Confirm:
     """Ask on a terminal; without one, only --yes goes ahead."""
 
-    def confirm(plan: provision.Plan, reasons: list[str]) -> bool:
+    def confirm(_plan: plan.Plan, reasons: list[str]) -> bool:
         if yes:
             return True
         why = "; ".join(reasons)

@@ -31,7 +31,7 @@ The file (every key optional except ``cluster``)::
     record_ttl: 5                    # DNS TTL of each record
     program: null                    # chief only: the training command, e.g. "python3 train.py"
     layout: {}                       # where things go on an instance: fields of
-                                     #   userdata.Layout, e.g. {dns_port: 53}; the
+                                     #   render.layout.Layout, e.g. {dns_port: 53}; the
                                      #   local cloud sets it, EC2 needs none
 
 Overrides (the command line's ``--set``) use the same keys, dotted for nested
@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT
 from tfcluster.discovery.records import ROLES
 
 #: Public SSM parameter holding the current Ubuntu 24.04 LTS AMI of a region.
@@ -439,9 +440,7 @@ def _agent_package(value: Any) -> str:
 
 
 def _layout(value: Any) -> dict[str, str | int]:
-    """Overrides of `userdata.Layout` fields, each of the field's own type."""
-    from tfcluster.cloudinit.userdata import DEFAULT_LAYOUT  # userdata imports this module
-
+    """Overrides of `render.layout.Layout` fields, each of the field's own type."""
     if value is None:
         return {}
     if not isinstance(value, dict):

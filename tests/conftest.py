@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tfcluster.cloudinit import localstack
+from tfcluster.cloudinit.localcloud import localstack
 from tfcluster.discovery import records
 from tfcluster.discovery.dns import Endpoint
 from tfcluster.discovery.records import Member

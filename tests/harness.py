@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tfcluster.cloudinit.imds_emulator import IMDSEmulator, InstanceMetadata
-from tfcluster.cloudinit.localstack import StackSettings
+from tfcluster.cloudinit.localcloud.imds_emulator import IMDSEmulator, InstanceMetadata
+from tfcluster.cloudinit.localcloud.localstack import StackSettings
 from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, role_counts
 from tfcluster.discovery.waiting import wait_for
 

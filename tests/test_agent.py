@@ -12,8 +12,8 @@ import pytest
 
 from conftest import require_tool
 from harness import AgentProcess, make_agent
-from tfcluster.cloudinit import daemons, localstack
-from tfcluster.cloudinit.localstack import free_port
+from tfcluster.cloudinit.localcloud import daemons, localstack
+from tfcluster.cloudinit.localcloud.localstack import free_port
 from tfcluster.discovery import dns, etcdclient, records
 from tfcluster.discovery.registry import list_records
 from tfcluster.discovery.waiting import wait_for

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
-from tfcluster.cloudinit.userdata import agent_config, layout_of, render_parts
+from tfcluster.cloudinit.render.userdata import agent_config, layout_of, render_parts
 from tfcluster.discovery.agent_config import (
     AgentConfig,
     ConfigError,

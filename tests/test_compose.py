@@ -25,9 +25,9 @@ from dockerd import Docker, docker_engine
 
 from conftest import REPO, pinned_version, require_tool
 from harness import make_agent
-from tfcluster.cloudinit import localstack
-from tfcluster.cloudinit.corefile import DOCKER_COMPOSE, render_corefile
-from tfcluster.cloudinit.localstack import StackSettings
+from tfcluster.cloudinit.localcloud import localstack
+from tfcluster.cloudinit.localcloud.localstack import StackSettings
+from tfcluster.cloudinit.render.corefile import DOCKER_COMPOSE, render_corefile
 from tfcluster.discovery import records
 from tfcluster.discovery.waiting import wait_for
 
@@ -50,7 +50,8 @@ def image_tags() -> dict[str, str]:
 
 def test_corefile_is_rendered_from_the_shared_template() -> None:
     assert (COREDNS / "Corefile").read_text() == render_corefile(DOCKER_COMPOSE), (
-        "coredns/Corefile is stale: python -m tfcluster.cloudinit.corefile > coredns/Corefile"
+        "coredns/Corefile is stale: "
+        "python -m tfcluster.cloudinit.render.corefile > coredns/Corefile"
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tfcluster.cloudinit.imds_emulator import IMDSEmulator, InstanceMetadata
+from tfcluster.cloudinit.localcloud.imds_emulator import IMDSEmulator, InstanceMetadata
 from tfcluster.discovery import imds
 from tfcluster.discovery.imds import IMDSClient, InstanceIdentity
 
@@ -259,7 +259,13 @@ def test_bad_endpoint(endpoint: str) -> None:
 def test_main_prints_address_and_serves(tmp_path: Path) -> None:
     user_data = tmp_path / "user-data"
     user_data.write_bytes(USER_DATA)
-    argv = [sys.executable, "-m", "tfcluster.cloudinit.imds_emulator", "--bind", "127.0.0.1:0"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tfcluster.cloudinit.localcloud.imds_emulator",
+        "--bind",
+        "127.0.0.1:0",
+    ]
     argv += ["--launch-index", "2", "--local-ipv4", "127.0.0.12"]
     argv += ["--instance-id", "i-0123456789abcdef0", "--availability-zone", "us-east-1b"]
     argv += ["--user-data-file", str(user_data)]

@@ -38,7 +38,7 @@ import yaml
 from moto.ec2.models.amis import AMIS
 
 from controlled_moto import ControlledMoto, running, tag_value
-from tfcluster.cloudinit.provider import TAG_CLUSTER, TAG_EXPIRES, TAG_ROLE
+from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, TAG_EXPIRES, TAG_ROLE
 
 REGION = "us-east-1"
 AMI = str(AMIS[0]["ami_id"])
@@ -221,7 +221,7 @@ def test_a_wildcard_name_is_refused_and_demo_never_touches_demo_prod(
 
 def test_the_provider_compares_tag_values_itself(server: ControlledMoto) -> None:
     """Resources tagged with a wildcard-looking value (not made by tfcluster) stay apart."""
-    from tfcluster.cloudinit.ec2 import Ec2Provider
+    from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
 
     client = ec2(server)
     for value in ("demo", "demo*", "demo-prod"):

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tfcluster.cloudinit import cli, daemons, provision
-from tfcluster.cloudinit.localcloud import motoserver, network, servicectl
+from tfcluster.cloudinit import cli, provision
+from tfcluster.cloudinit.localcloud import daemons, motoserver, network, servicectl
 from tfcluster.cloudinit.localcloud.cloud import LocalCloud, LocalCloudError, training_program
 from tfcluster.discovery.waiting import wait_for
 

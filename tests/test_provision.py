@@ -28,10 +28,9 @@ from moto import mock_aws
 from moto.ec2.models.amis import AMIS as DEFAULT_AMIS
 from moto.server import ThreadedMotoServer
 
-from tfcluster.cloudinit import cli, provision
-from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
-from tfcluster.cloudinit.ec2 import Ec2Provider
-from tfcluster.cloudinit.provider import (
+from tfcluster.cloudinit import cli, plan, provision
+from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
+from tfcluster.cloudinit.cloud.provider import (
     LIVE_STATES,
     TAG_CLUSTER,
     TAG_INDEX,
@@ -42,7 +41,9 @@ from tfcluster.cloudinit.provider import (
     PortRange,
     UnknownAMI,
 )
-from tfcluster.cloudinit.userdata import control_endpoint, render_user_data
+from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
+from tfcluster.cloudinit.render.layout import control_endpoint
+from tfcluster.cloudinit.render.userdata import render_user_data
 from tfcluster.discovery import records
 
 REGION = "us-east-1"
@@ -616,7 +617,7 @@ def test_lost_control_node_is_refused_without_launching(
     control = next(n for n in first.nodes if n.role == "control")
     ec2.terminate_instances(InstanceIds=[control.instance_id])
     calls = record_calls(provider.ec2)
-    with pytest.raises(provision.ControlNodeLost, match="no control node"):
+    with pytest.raises(plan.ControlNodeLost, match="no control node"):
         provision.up(config, provider)
     assert mutating(calls) == [], calls
     assert len(instances(ec2)) == 6

@@ -9,7 +9,7 @@ import dnslib
 import pytest
 
 from conftest import TEST_ZONE, pinned_version, put_members, require_tool
-from tfcluster.cloudinit.localstack import StackSettings
+from tfcluster.cloudinit.localcloud.localstack import StackSettings
 from tfcluster.discovery import records
 from tfcluster.discovery.dns import Endpoint
 

@@ -25,14 +25,13 @@ from click.testing import CliRunner
 from conftest import require_tool
 from tfcluster.cloudinit.cli import main
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
-from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
-from tfcluster.cloudinit.imds_emulator import IMDSEmulator, InstanceMetadata
-from tfcluster.cloudinit.userdata import (
+from tfcluster.cloudinit.localcloud.imds_emulator import IMDSEmulator, InstanceMetadata
+from tfcluster.cloudinit.render.corefile import CorefileSettings, render_corefile
+from tfcluster.cloudinit.render.layout import Layout, control_endpoint
+from tfcluster.cloudinit.render.userdata import (
     USER_DATA_LIMIT,
-    Layout,
     RenderError,
     UserDataTooLarge,
-    control_endpoint,
     render_parts,
     render_user_data,
 )

@@ -1,6 +1,6 @@
 """`tfcluster up/down/status --local`: the EC2 code path against moto, instances booted here.
 
-``up`` runs `provision.up` with `Ec2Provider` against this cluster's moto
+``up`` runs `provision.up` with the EC2 provider against this cluster's moto
 server, exactly as against EC2, then ``sync`` boots every instance the API
 reports running (instance.py) and shuts down every instance it no longer
 does, and ``up`` waits until every agent has passed its barrier. ``down``
@@ -40,26 +40,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfcluster.cloudinit import daemons, provision
-from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
-from tfcluster.cloudinit.ec2 import Ec2Provider, translate_errors
-from tfcluster.cloudinit.localcloud import instance, motoserver, network, parts
-from tfcluster.cloudinit.localstack import DEFAULT_BIN, REPO
-from tfcluster.cloudinit.provider import (
+from tfcluster.cloudinit import provision
+from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
     LIVE_STATES,
     RUNNING,
-    TAG_CLUSTER,
     TERMINATED,
     Node,
+    NodeProvider,
     Progress,
     ProviderError,
     no_progress,
 )
-from tfcluster.cloudinit.userdata import control_endpoint
+from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
+from tfcluster.cloudinit.localcloud import daemons, instance, motoserver, network, parts, paths
+from tfcluster.cloudinit.localcloud.localstack import DEFAULT_BIN
+from tfcluster.cloudinit.render.layout import control_endpoint
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
-DEFAULT_RUN = REPO / ".run" / "localcloud"
+DEFAULT_RUN = paths.run_root() / "localcloud"
 NETNS, LOOPBACK = "netns", "loopback"
 BARRIER_TIMEOUT = 240.0
 """Seconds for every agent to pass its barrier (five TF imports on two cores take ~30 s)."""
@@ -145,9 +144,8 @@ class LocalCloud:
                 f"cluster {self.cluster} uses network namespaces, which need root and "
                 "'ip netns'; run as root, or use another cluster with --loopback"
             )
-        for tool in ("coredns", "etcd", "etcdctl"):
-            if not (self.bin_dir / tool).is_file():
-                raise LocalCloudError(f"{self.bin_dir / tool} is missing: run 'make setup'")
+        if paths.missing_tools(self.bin_dir):
+            raise LocalCloudError(paths.tools_missing_message(self.bin_dir))
 
     def prepare(self, overrides: Mapping[str, Any]) -> ClusterConfig:
         """Start (or reuse) moto, its VPC and subnet, the artifacts; the cluster's config.
@@ -178,8 +176,8 @@ class LocalCloud:
         local = {
             "cluster": self.cluster,
             "region": motoserver.REGION,
-            "ami": _moto_image(),
-            "subnet_id": self._subnet(provider),
+            "ami": provider.any_image(),
+            "subnet_id": provider.ensure_subnet(self.cluster, self.cidr),
             "artifacts": {
                 "coredns": {"url": coredns.as_uri(), "sha256": _sha256(coredns)},
                 "etcd": {"url": etcd.as_uri(), "sha256": _sha256(etcd)},
@@ -198,7 +196,7 @@ class LocalCloud:
         except (OSError, ValueError) as exc:
             raise LocalCloudError(f"cannot read the cluster's config: {exc}") from None
 
-    def provider(self, *, start: bool = False) -> Ec2Provider:
+    def provider(self, *, start: bool = False) -> motoserver.MotoProvider:
         """The EC2 provider talking to this cluster's moto server."""
         try:
             url = motoserver.ensure(self.moto_dir) if start else motoserver.endpoint(self.moto_dir)
@@ -208,32 +206,13 @@ class LocalCloud:
             raise LocalCloudError(
                 f"no moto server runs for cluster {self.cluster}: run 'up --local'"
             )
-        return Ec2Provider(
+        return motoserver.MotoProvider(
             motoserver.REGION,
             endpoint_url=url,
             session=motoserver.session(),
             poll_interval=0.2,
             max_poll_interval=1.0,
         )
-
-    def _subnet(self, provider: Ec2Provider) -> str:
-        """The cluster's VPC and subnet in moto, on the mode's CIDR; created once."""
-        ec2 = provider.ec2
-        tag = [{"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}]
-        tags = [{"Key": TAG_CLUSTER, "Value": self.cluster}]
-        with translate_errors(f"creating the local subnet {self.cidr} in moto"):
-            subnets = ec2.describe_subnets(Filters=tag)["Subnets"]
-            if subnets:
-                return str(subnets[0]["SubnetId"])
-            vpc = ec2.create_vpc(
-                CidrBlock=self.cidr, TagSpecifications=[{"ResourceType": "vpc", "Tags": tags}]
-            )["Vpc"]["VpcId"]
-            subnet = ec2.create_subnet(
-                VpcId=vpc,
-                CidrBlock=self.cidr,
-                TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
-            )
-        return str(subnet["Subnet"]["SubnetId"])
 
     def _etcd_tarball(self) -> Path:
         """etcd and etcdctl as a release-style .tgz, made once from the local builds."""
@@ -284,13 +263,13 @@ class LocalCloud:
             on_event(f"booting {node.label} ({node.instance_id}) at {node.private_ip}")
             self._boot(provider, node, control[0] if control else None)
 
-    def _boot(self, provider: Ec2Provider, node: Node, control: Node | None) -> None:
+    def _boot(self, provider: NodeProvider, node: Node, control: Node | None) -> None:
         folder = self.instances_dir / node.instance_id
         if folder.exists():  # a boot interrupted earlier: start from scratch
             self._shut_down(node.instance_id)
         folder.mkdir(parents=True)
         try:
-            user_data = parts.user_data_of(provider.ec2, node.instance_id)
+            user_data = provider.user_data(node.instance_id)
             if self.mode == NETNS:
                 instance.boot_netns(
                     node,
@@ -307,13 +286,14 @@ class LocalCloud:
                     node,
                     user_data,
                     config=self._config(),
-                    index=parts.explicit_index_of(provider.ec2, node.instance_id),
+                    index=node.index if node.explicit_index else None,
                     etcd_endpoints=etcd,
                     folder=folder,
                 )
         except (
             instance.BootError,
             parts.UserDataError,
+            ProviderError,
             network.NetworkError,
             daemons.DaemonError,
         ) as exc:
@@ -534,10 +514,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _moto_image() -> str:
-    """An image moto holds in every region."""
-    from moto.ec2.models.amis import AMIS
-
-    return str(AMIS[0]["ami_id"])

@@ -34,12 +34,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from tfcluster.cloudinit import daemons
+from tfcluster.cloudinit.cloud.provider import Node
 from tfcluster.cloudinit.config import ClusterConfig
-from tfcluster.cloudinit.localcloud import network, parts, servicectl
-from tfcluster.cloudinit.localstack import free_port
-from tfcluster.cloudinit.provider import Node
-from tfcluster.cloudinit.userdata import render_parts, render_user_data
+from tfcluster.cloudinit.localcloud import daemons, network, parts, servicectl
+from tfcluster.cloudinit.localcloud.localstack import free_port
+from tfcluster.cloudinit.render.userdata import render_parts, render_user_data
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
 IMDS = "imds"
@@ -222,7 +221,7 @@ def _start_imds(
 ) -> None:
     """The instance's IMDS emulator on ``bind``; returns once it listens."""
     argv = [
-        sys.executable, "-m", "tfcluster.cloudinit.imds_emulator", "--bind", bind,
+        sys.executable, "-m", "tfcluster.cloudinit.localcloud.imds_emulator", "--bind", bind,
         "--launch-index", str(node.launch_index), "--local-ipv4", str(node.private_ip),
         "--instance-id", node.instance_id, "--user-data-file", str(folder / "user-data"),
     ]  # fmt: skip

@@ -3,7 +3,7 @@
     python -m tfcluster.cloudinit.localcloud.motoserver --state-dir RUN --port P
 
 runs moto's server until SIGTERM (the state folder is named on the command
-line so that `tfcluster.cloudinit.daemons` can find the process again).
+line so that `tfcluster.cloudinit.localcloud.daemons` can find the process again).
 ``ensure`` starts it in the background, or reuses the one already running,
 and returns its endpoint once it answers HTTP. moto keeps its state in
 memory: a restarted server knows no instances, and ``LocalCloud.sync``
@@ -24,8 +24,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tfcluster.cloudinit import daemons
-from tfcluster.cloudinit.localstack import free_port
+from tfcluster.cloudinit.cloud.aws_errors import translate_errors
+from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
+from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, ProviderError
+from tfcluster.cloudinit.localcloud import daemons
+from tfcluster.cloudinit.localcloud.localstack import free_port
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -36,6 +39,37 @@ READY_TIMEOUT = 30.0
 
 class MotoServerError(RuntimeError):
     """The moto server could not be started or does not answer."""
+
+
+class MotoProvider(Ec2Provider):
+    """The EC2 provider pointed at a cluster's moto server, with what only the local
+    cloud needs: a network of its own to launch into, and an image to launch."""
+
+    def ensure_subnet(self, cluster: str, cidr: str) -> str:
+        """The cluster's VPC and subnet on ``cidr``, tagged; created once."""
+        tag = [{"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]}]
+        tags = [{"Key": TAG_CLUSTER, "Value": cluster}]
+        with translate_errors(f"creating the local subnet {cidr} in moto"):
+            subnets = self.ec2.describe_subnets(Filters=tag)["Subnets"]
+            if subnets:
+                return str(subnets[0]["SubnetId"])
+            vpc = self.ec2.create_vpc(
+                CidrBlock=cidr, TagSpecifications=[{"ResourceType": "vpc", "Tags": tags}]
+            )["Vpc"]["VpcId"]
+            subnet = self.ec2.create_subnet(
+                VpcId=vpc,
+                CidrBlock=cidr,
+                TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
+            )
+        return str(subnet["Subnet"]["SubnetId"])
+
+    def any_image(self) -> str:
+        """An image moto holds (it registers a fixed set in every region): the "AMI"."""
+        with translate_errors("listing moto's images"):
+            images = self.ec2.describe_images(Owners=["amazon"])["Images"]
+        if not images:
+            raise ProviderError("the moto server holds no image to launch")
+        return str(min(image["ImageId"] for image in images))
 
 
 def _port_file(state_dir: Path) -> Path:

@@ -8,7 +8,6 @@ what this machine must already have (curl); nothing is installed.
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 import gzip
@@ -16,10 +15,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from tfcluster.cloudinit.ec2 import translate_errors
-from tfcluster.cloudinit.provider import TAG_INDEX
 
 SCHEMA_TIMEOUT = 60.0
 
@@ -33,28 +28,6 @@ class UserDataPart:
     content_type: str
     filename: str
     text: str
-
-
-def user_data_of(ec2: Any, instance_id: str) -> bytes:
-    """The instance's user-data as RunInstances received it (before base64)."""
-    with translate_errors(f"reading the user-data of {instance_id}"):
-        answer = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-    encoded = answer.get("UserData", {}).get("Value")
-    if not encoded:
-        raise UserDataError(f"{instance_id} has no user-data")
-    return base64.b64decode(encoded)
-
-
-def explicit_index_of(ec2: Any, instance_id: str) -> int | None:
-    """The task index a replacement instance carries in its tag (None: the launch index)."""
-    with translate_errors(f"reading the tags of {instance_id}"):
-        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    for reservation in reservations:
-        for item in reservation["Instances"]:
-            for tag in item.get("Tags", []):
-                if tag["Key"] == TAG_INDEX:
-                    return int(tag["Value"])
-    return None
 
 
 def split_user_data(raw: bytes) -> list[UserDataPart]:

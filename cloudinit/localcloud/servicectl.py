@@ -12,7 +12,7 @@ The user-data calls ``$systemctl`` three ways, and this answers exactly those:
   start its ExecStart, in the given order, as a background process with
   the unit's Environment= and EnvironmentFile=; pid file and log are
   ``<unit>.pid`` and ``<unit>.log`` in ROOT, which every command line of
-  our units names (as `tfcluster.cloudinit.daemons` requires). It runs in
+  our units names (as `tfcluster.cloudinit.localcloud.daemons` requires). It runs in
   the caller's namespaces: the user-data script already runs inside the
   instance's.
 
@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tfcluster.cloudinit import daemons
+from tfcluster.cloudinit.localcloud import daemons
 
 NO_OPS = (("daemon-reload",), ("restart", "systemd-resolved.service"))
 IGNORED = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tfcluster.cloudinit.templating import render
+from tfcluster.cloudinit.render.templating import render
 from tfcluster.discovery import records
 
 
@@ -63,5 +63,5 @@ DOCKER_COMPOSE = CorefileSettings(
 
 
 if __name__ == "__main__":
-    # Regenerates coredns/Corefile: python -m tfcluster.cloudinit.corefile > coredns/Corefile
+    # Regenerates coredns/Corefile: python -m tfcluster.cloudinit.render.corefile > coredns/Corefile
     print(render_corefile(DOCKER_COMPOSE), end="")

@@ -9,7 +9,7 @@ failure handling is tested against a real HTTP server.
 
 Run standalone (the local cloud does this; the bound address is printed)::
 
-    python -m tfcluster.cloudinit.imds_emulator --bind 127.0.0.1:0 \\
+    python -m tfcluster.cloudinit.localcloud.imds_emulator --bind 127.0.0.1:0 \\
         --launch-index 2 --local-ipv4 127.0.0.12 --instance-id i-0123456789abcdef0
 """
 

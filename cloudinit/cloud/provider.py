@@ -143,6 +143,8 @@ class Node:
     launch_index: int
     zone: str | None = None
     expires: datetime | None = None
+    explicit_index: bool = False
+    """True for a replacement node, whose index comes from its tag."""
 
     @property
     def label(self) -> str:
@@ -288,6 +290,10 @@ class NodeProvider(abc.ABC):
         task index explicitly. Either every node starts or `ProviderError` is
         raised and none does.
         """
+
+    @abc.abstractmethod
+    def user_data(self, instance_id: str) -> bytes:
+        """The node's user-data as it was launched with (before base64)."""
 
     @abc.abstractmethod
     def nodes(self, cluster: str, states: Sequence[str] = LIVE_STATES) -> list[Node]:

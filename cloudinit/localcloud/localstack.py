@@ -19,12 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tfcluster.cloudinit import daemons
-from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
+from tfcluster.cloudinit.localcloud import daemons, paths
+from tfcluster.cloudinit.render.corefile import CorefileSettings, render_corefile
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BIN = REPO / ".tools" / "bin"
-DEFAULT_RUN = REPO / ".run" / "local-stack"
+DEFAULT_BIN = paths.bin_dir()
+DEFAULT_RUN = paths.run_root() / "local-stack"
 
 
 @dataclass(frozen=True)
@@ -106,9 +105,8 @@ def etcd_argv(
 def up(settings: StackSettings, timeout: float = 30.0) -> None:
     """Start etcd, then CoreDNS; return when both answer their health checks."""
     run = settings.run_dir
-    for tool in ("etcd", "coredns"):
-        if not (settings.bin_dir / tool).is_file():
-            raise StackError(f"{settings.bin_dir / tool} is missing: run 'make setup' first")
+    if paths.missing_tools(settings.bin_dir):
+        raise StackError(paths.tools_missing_message(settings.bin_dir))
     run.mkdir(parents=True, exist_ok=True)
     (run / "stack.json").write_text(json.dumps(_to_json(settings), indent=2) + "\n")
 

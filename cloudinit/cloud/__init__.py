@@ -1,0 +1,1 @@
+"""The cloud seam: the node provider interface and its EC2 backend (see README.md)."""

@@ -1,0 +1,404 @@
+"""The EC2 backend of `NodeProvider`, on boto3.
+
+Every call goes through one client with connect/read timeouts and bounded
+retries in botocore's standard mode. Retrying RunInstances is safe: botocore
+fills its ClientToken once per call, so a retried request cannot start a
+second set of instances. Every botocore failure leaves this room as one of
+the typed `ProviderError`s of `provider` (the table is in `aws_errors`).
+
+Resources are tagged at creation (TagSpecifications), never afterwards: an
+instance or group that exists is always findable by its cluster tag, even if
+the process dies between two calls. ``endpoint_url`` points the client
+elsewhere than AWS, e.g. at a moto server for the local cloud.
+
+This module holds the instances and the waits; the security group
+(`ec2_groups`) and the lock (`ec2_lock`) each have their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+
+from tfcluster.cloudinit.cloud.aws_errors import (
+    answered_by_the_api,
+    check_endpoint_url,
+    known_regions,
+    translate_errors,
+)
+from tfcluster.cloudinit.cloud.ec2_groups import SecurityGroups
+from tfcluster.cloudinit.cloud.ec2_lock import ClusterLocks
+from tfcluster.cloudinit.cloud.provider import (
+    LIVE_STATES,
+    RUNNING,
+    SHUTTING_DOWN,
+    STOPPED,
+    STOPPING,
+    TAG_CLUSTER,
+    TAG_EXPIRES,
+    TAG_INDEX,
+    TAG_ROLE,
+    TAG_ZONE,
+    TERMINATED,
+    ClusterLock,
+    ClusterSummary,
+    LaunchFailed,
+    LaunchSpec,
+    Node,
+    NodeProvider,
+    PortRange,
+    Progress,
+    ProviderError,
+    ProviderTimeout,
+    UnknownAMI,
+    UnknownRegion,
+    no_progress,
+)
+from tfcluster.cloudinit.cloud.tags import (
+    PAGE_SIZE,
+    iso,
+    of_cluster,
+    parse_time,
+    tag_list,
+    tags_of,
+)
+from tfcluster.discovery.waiting import WaitTimeout, wait_for
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CLIENT_CONFIG = botocore.config.Config(
+    connect_timeout=5,
+    read_timeout=30,
+    retries={"mode": "standard", "max_attempts": 5},
+)
+"""Each attempt is bounded by the timeouts; throttling and transient errors
+are retried at most 4 times with backoff, anything else fails at once."""
+
+METADATA_OPTIONS = {
+    "HttpTokens": "required",
+    "HttpEndpoint": "enabled",
+    "HttpPutResponseHopLimit": 1,
+}
+"""IMDSv2 only; hop limit 1 keeps the metadata out of reach of containers."""
+
+USER_DATA_LIMIT = 16384
+"""EC2 rejects user-data above 16 KB (before base64)."""
+
+TERMINATE_BATCH = 1000
+
+
+def _node(instance: dict[str, Any]) -> Node:
+    tags = tags_of(instance)
+    launch_index = int(instance.get("AmiLaunchIndex", 0))
+    explicit = tags.get(TAG_INDEX)
+    return Node(
+        instance_id=instance["InstanceId"],
+        role=tags.get(TAG_ROLE, "unknown"),
+        index=int(explicit) if explicit is not None else launch_index,
+        state=instance["State"]["Name"],
+        private_ip=instance.get("PrivateIpAddress") or None,
+        launch_index=launch_index,
+        zone=tags.get(TAG_ZONE),
+        explicit_index=explicit is not None,
+        expires=parse_time(tags.get(TAG_EXPIRES)),
+    )
+
+
+class Ec2Provider(NodeProvider):
+    """Clusters of EC2 instances in one region.
+
+    ``ec2`` is the boto3 client every EC2 call goes through (tests register
+    botocore event hooks on it). ``poll_interval``/``max_poll_interval`` pace
+    the waits, which back off between the two.
+    """
+
+    def __init__(
+        self,
+        region: str | None = None,
+        *,
+        endpoint_url: str | None = None,
+        session: boto3.session.Session | None = None,
+        poll_interval: float = 2.0,
+        max_poll_interval: float = 15.0,
+    ) -> None:
+        with translate_errors("reading the AWS configuration"):
+            self._session = session or boto3.session.Session()
+            resolved = region or self._session.region_name
+        if not resolved:
+            raise UnknownRegion("no AWS region: pass --region or set AWS_REGION")
+        if endpoint_url is not None:
+            check_endpoint_url(endpoint_url)
+        elif resolved not in known_regions(self._session):
+            raise UnknownRegion(
+                f"unknown AWS region {resolved!r} (not in botocore's list of EC2 regions)"
+            )
+        self.region: str = resolved
+        self.endpoint_url = endpoint_url
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.ec2: Any = self._client("ec2")
+        self._ssm: Any = None
+        self._groups = SecurityGroups(self.ec2)
+        self._locks = ClusterLocks(self.ec2)
+
+    def _client(self, service: str) -> Any:
+        with translate_errors(f"setting up the {service} client"):
+            client = self._session.client(
+                service,
+                region_name=self.region,
+                endpoint_url=self.endpoint_url,
+                config=CLIENT_CONFIG,
+            )
+        client.meta.events.register("after-call.*.*", answered_by_the_api)
+        return client
+
+    # -- lock (ec2_lock) ----------------------------------------------------------
+
+    def acquire_lock(self, cluster: str, holder: str, ttl: float) -> ClusterLock:
+        return self._locks.acquire(cluster, holder, ttl)
+
+    def release_lock(self, lock: ClusterLock) -> None:
+        self._locks.release(lock)
+
+    def find_lock(self, cluster: str) -> ClusterLock | None:
+        return self._locks.find(cluster)
+
+    # -- security group (ec2_groups) ----------------------------------------------
+
+    def find_security_group(self, cluster: str) -> str | None:
+        return self._groups.find(cluster)
+
+    def ensure_security_group(
+        self,
+        cluster: str,
+        ports: Sequence[PortRange],
+        *,
+        ssh_cidr: str | None = None,
+        subnet_id: str | None = None,
+        vpc_id: str | None = None,
+    ) -> tuple[str, bool]:
+        return self._groups.ensure(
+            cluster, ports, ssh_cidr=ssh_cidr, subnet_id=subnet_id, vpc_id=vpc_id
+        )
+
+    def delete_security_groups(self, cluster: str, *, timeout: float) -> list[str]:
+        return self._groups.delete(cluster, wait=self._wait, timeout=timeout)
+
+    def subnet_in(self, vpc_id: str) -> str:
+        with translate_errors(f"listing the subnets of {vpc_id}"):
+            subnets = self.ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])
+        available = sorted(
+            (s["AvailabilityZone"], s["SubnetId"])
+            for s in subnets["Subnets"]
+            if s.get("State", "available") == "available"
+        )
+        if not available:
+            raise ProviderError(f"{vpc_id} has no available subnet to launch into")
+        return str(available[0][1])
+
+    # -- images -----------------------------------------------------------------
+
+    def resolve_image(self, parameter: str) -> str:
+        if self._ssm is None:
+            self._ssm = self._client("ssm")
+        with translate_errors(f"resolving the image parameter {parameter}"):
+            return str(self._ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
+
+    def check_image(self, image_id: str) -> None:
+        with translate_errors(f"looking up image {image_id}"):
+            images = self.ec2.describe_images(ImageIds=[image_id])["Images"]
+        if not images or images[0].get("State", "available") != "available":
+            raise UnknownAMI(f"image {image_id} is not available in {self.region}")
+
+    # -- instances --------------------------------------------------------------
+
+    def launch(
+        self,
+        cluster: str,
+        role: str,
+        count: int,
+        user_data: bytes,
+        spec: LaunchSpec,
+        *,
+        index: int | None = None,
+        zone: str | None = None,
+    ) -> list[Node]:
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        if index is not None and count != 1:
+            raise ValueError("an explicit index needs count == 1")
+        if len(user_data) > USER_DATA_LIMIT:
+            raise LaunchFailed(
+                f"user-data for {role} is {len(user_data)} bytes; EC2 accepts {USER_DATA_LIMIT}"
+            )
+        tags = {TAG_CLUSTER: cluster, TAG_ROLE: role}
+        if zone is not None:
+            tags[TAG_ZONE] = zone
+        if index is not None:
+            tags[TAG_INDEX] = str(index)
+        if spec.expires is not None:
+            tags[TAG_EXPIRES] = iso(spec.expires)
+        tags["Name"] = f"{cluster}-{role}" if index is None else f"{cluster}-{role}{index}"
+        params: dict[str, Any] = {
+            "ImageId": spec.image_id,
+            "InstanceType": spec.instance_type,
+            # MinCount == MaxCount: all of the role's tasks start, or none does.
+            "MinCount": count,
+            "MaxCount": count,
+            "UserData": user_data,
+            "SecurityGroupIds": [spec.security_group_id],
+            "MetadataOptions": METADATA_OPTIONS,
+            # A node that powers itself off is gone, not a stopped leftover.
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tag_list(tags)},
+                {"ResourceType": "volume", "Tags": tag_list({TAG_CLUSTER: cluster})},
+            ],
+        }
+        if spec.subnet_id is not None:
+            params["SubnetId"] = spec.subnet_id
+        if spec.key_name is not None:
+            params["KeyName"] = spec.key_name
+        if spec.spot:
+            # One-time requests close once fulfilled: nothing outlives the instances.
+            params["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {
+                    "SpotInstanceType": "one-time",
+                    "InstanceInterruptionBehavior": "terminate",
+                },
+            }
+        with translate_errors(f"launching {count} {role} node(s)", launching=True):
+            reservation = self.ec2.run_instances(**params)
+        return [_node(instance) for instance in reservation["Instances"]]
+
+    def user_data(self, instance_id: str) -> bytes:
+        with translate_errors(f"reading the user-data of {instance_id}"):
+            answer = self.ec2.describe_instance_attribute(
+                InstanceId=instance_id, Attribute="userData"
+            )
+        encoded = answer.get("UserData", {}).get("Value")
+        if not encoded:
+            raise ProviderError(f"{instance_id} has no user-data")
+        return base64.b64decode(encoded)
+
+    def _describe(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        instances: list[dict[str, Any]] = []
+        with translate_errors("listing instances"):
+            pages = self.ec2.get_paginator("describe_instances").paginate(
+                Filters=filters, PaginationConfig={"PageSize": PAGE_SIZE}
+            )
+            for page in pages:
+                for reservation in page["Reservations"]:
+                    instances.extend(reservation["Instances"])
+        return instances
+
+    def nodes(self, cluster: str, states: Sequence[str] = LIVE_STATES) -> list[Node]:
+        instances = self._describe(
+            [
+                {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
+                {"Name": "instance-state-name", "Values": list(states)},
+            ]
+        )
+        return sorted(
+            (_node(i) for i in of_cluster(instances, cluster)),
+            key=lambda n: (n.role, n.index, n.instance_id),
+        )
+
+    def clusters(self) -> list[ClusterSummary]:
+        instances = self._describe(
+            [
+                {"Name": "tag-key", "Values": [TAG_CLUSTER]},
+                {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+            ]
+        )
+        states: dict[str, dict[str, int]] = {}
+        for instance in instances:
+            per_state = states.setdefault(tags_of(instance)[TAG_CLUSTER], {})
+            state = instance["State"]["Name"]
+            per_state[state] = per_state.get(state, 0) + 1
+        groups: dict[str, list[str]] = {}
+        for group in self._groups.listed(None):
+            groups.setdefault(tags_of(group)[TAG_CLUSTER], []).append(str(group["GroupId"]))
+        locks = self._locks.all()
+        return [
+            ClusterSummary(name, states.get(name, {}), tuple(groups.get(name, ())), locks.get(name))
+            for name in sorted(states.keys() | groups.keys() | locks.keys())
+        ]
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        ids = list(instance_ids)
+        with translate_errors("terminating instances"):
+            for start in range(0, len(ids), TERMINATE_BATCH):
+                self.ec2.terminate_instances(InstanceIds=ids[start : start + TERMINATE_BATCH])
+
+    # -- waiting ----------------------------------------------------------------
+
+    def _wait(self, check: Callable[[], T | None], what: str, timeout: float) -> T:
+        try:
+            return wait_for(
+                check,
+                what=what,
+                timeout=timeout,
+                interval=self.poll_interval,
+                max_interval=self.max_poll_interval,
+            )
+        except WaitTimeout as exc:
+            raise ProviderTimeout(str(exc)) from exc
+
+    def wait_running(
+        self,
+        cluster: str,
+        instance_ids: Sequence[str],
+        *,
+        timeout: float,
+        on_progress: Progress = no_progress,
+    ) -> list[Node]:
+        wanted = set(instance_ids)
+        reported: list[int] = []
+
+        def check() -> list[Node] | None:
+            # One listing of the cluster per poll, whatever the number of nodes.
+            found = [
+                n
+                for n in self.nodes(cluster, (*LIVE_STATES, TERMINATED))
+                if n.instance_id in wanted
+            ]
+            for node in found:
+                if node.state in (SHUTTING_DOWN, TERMINATED, STOPPING, STOPPED):
+                    raise LaunchFailed(f"{node.instance_id} ({node.label}) went {node.state}")
+            ready = [n for n in found if n.state == RUNNING and n.private_ip is not None]
+            if not reported or reported[-1] != len(ready):
+                reported.append(len(ready))
+                on_progress(f"{len(ready)}/{len(wanted)} instances running")
+            return ready if len(ready) == len(wanted) else None
+
+        return self._wait(check, f"{len(wanted)} instances to run", timeout)
+
+    def wait_terminated(
+        self,
+        cluster: str,
+        instance_ids: Sequence[str],
+        *,
+        timeout: float,
+        on_progress: Progress = no_progress,
+    ) -> None:
+        wanted = set(instance_ids)
+        reported: list[int] = []
+
+        def check() -> bool | None:
+            live = {n.instance_id for n in self.nodes(cluster)}
+            done = len(wanted - live)
+            if not reported or reported[-1] != done:
+                reported.append(done)
+                on_progress(f"{done}/{len(wanted)} instances terminated")
+            return True if done == len(wanted) else None
+
+        self._wait(check, f"{len(wanted)} instances to terminate", timeout)

@@ -1,0 +1,1 @@
+"""Rendering: what an instance boots with, from the templates (see README.md)."""
