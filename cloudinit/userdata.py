@@ -31,12 +31,14 @@ from typing import Any
 
 from tfcluster.cloudinit.config import INSTANCE_ROLES, ClusterConfig, etcd_endpoint
 from tfcluster.cloudinit.corefile import CorefileSettings, render_corefile
+from tfcluster.cloudinit.layout import DEFAULT_LAYOUT as DEFAULT_LAYOUT  # re-exported
+from tfcluster.cloudinit.layout import ETCD_CLIENT_PORT as ETCD_CLIENT_PORT
+from tfcluster.cloudinit.layout import Layout as Layout
 from tfcluster.cloudinit.templating import render
 
 log = logging.getLogger(__name__)
 
 USER_DATA_LIMIT = 16384
-ETCD_CLIENT_PORT = 2379
 _EOF = "TFCLUSTER_EOF"
 
 
@@ -46,59 +48,6 @@ class RenderError(ValueError):
 
 class UserDataTooLarge(RenderError):
     """Even gzip-compressed, the user-data exceeds EC2's 16384 bytes."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where things go on an instance and which commands the script calls.
-
-    The defaults are an EC2 instance's; the local cloud gives each simulated
-    instance its own directories, IMDS emulator and service manager command.
-    """
-
-    install_dir: str = "/opt/tfcluster"
-    config_dir: str = "/etc/tfcluster"
-    state_dir: str = "/var/lib/tfcluster"
-    unit_dir: str = "/etc/systemd/system"
-    resolved_dropin: str = "/etc/systemd/resolved.conf.d/tfcluster.conf"
-    nsswitch: str = "/etc/nsswitch.conf"
-    imds_endpoint: str = "http://169.254.169.254"
-    tf_config_path: str = "/run/tfcluster/tf_config.json"
-    service_user: str = "tfcluster"
-    python: str = "python3"
-    systemctl: str = "systemctl"
-    dns_bind: str = "127.0.0.1"
-    dns_port: int = 5353
-    health_addr: str = "127.0.0.1:8080"
-    ready_addr: str = "127.0.0.1:8181"
-    etcd_client_port: int = ETCD_CLIENT_PORT
-    etcd_peer_port: int = 2380
-    agent_venv: str = ""
-    """An existing virtualenv that holds the agent; empty: the script creates
-    one under ``install_dir`` and pip-installs the config's agent_package."""
-    etcd_listen_host: str = "0.0.0.0"
-    """etcd's client address: every interface on EC2; the control node's own locally."""
-    distinct_ports: bool = False
-    """One TF port per task: every task shares one host (the local cloud's loopback mode)."""
-    check_system_resolver: bool = True
-    """False where getaddrinfo cannot reach CoreDNS (loopback mode: no resolv.conf of its own)."""
-    tf_config_addresses: str = "names"
-    """``ips`` where TensorFlow's getaddrinfo cannot resolve the zone (loopback mode)."""
-
-    @property
-    def bin_dir(self) -> str:
-        return f"{self.install_dir}/bin"
-
-    @property
-    def venv_dir(self) -> str:
-        return self.agent_venv or f"{self.install_dir}/venv"
-
-    @property
-    def agent_config(self) -> str:
-        return f"{self.config_dir}/agent.json"
-
-
-DEFAULT_LAYOUT = Layout()
 
 
 def layout_of(config: ClusterConfig) -> Layout:
@@ -183,6 +132,7 @@ def render_parts(
         control=control,
         install_agent=not layout.agent_venv,
         variables=_script_variables(config, role, layout),
+        lifetime=_duration(config.max_lifetime),
         files=files,
         eof=_EOF,
         units=[f"tfcluster-{name}.service" for name in services],
@@ -260,7 +210,19 @@ def _script_variables(config: ClusterConfig, role: str, layout: Layout) -> list[
             "venv_dir": layout.venv_dir,
             "agent_package": config.agent_package,
         }
+    if config.max_lifetime is not None:
+        values |= {
+            "shutdown": layout.shutdown_command,
+            "lifetime_minutes": -(-config.max_lifetime // 60),
+        }
     return [(name, shlex.quote(str(value))) for name, value in values.items()]
+
+
+def _duration(seconds: int | None) -> str:
+    """``90m``, ``12h``, ``2d12h`` (``""`` for None): the config's own notation."""
+    minutes = -(-(seconds or 0) // 60)
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    return "".join(f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n)
 
 
 def _etcd_env(layout: Layout) -> str:

@@ -1,0 +1,95 @@
+"""Where things go on an instance and which commands its user-data calls.
+
+The defaults are an EC2 instance's; the config's ``layout`` key overrides
+fields (the local cloud gives each simulated instance its own directories,
+IMDS emulator and service manager). Each field's type says where its value
+lands and is checked for it (`checks`, through the config's schema): paths
+and commands are one token in a unit file and the script, addresses are
+parsed, ports are in range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import PlainValidator
+
+from tfcluster.cloudinit.checks import (
+    AbsPath,
+    Boolean,
+    Command,
+    HostPort,
+    IPv4,
+    Port,
+    User,
+    one_of,
+    path,
+    server_url,
+)
+
+ETCD_CLIENT_PORT = 2379
+
+
+def _imds(value: Any) -> str:
+    return server_url(value, "the metadata service", port=False)
+
+
+def _venv(value: Any) -> str:
+    return "" if value == "" else path(value)
+
+
+ImdsUrl = Annotated[str, PlainValidator(_imds)]
+Venv = Annotated[str, PlainValidator(_venv)]
+AddressMode = Annotated[str, PlainValidator(one_of("names", "ips"))]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things go on an instance; see the module docstring."""
+
+    install_dir: AbsPath = "/opt/tfcluster"
+    config_dir: AbsPath = "/etc/tfcluster"
+    state_dir: AbsPath = "/var/lib/tfcluster"
+    unit_dir: AbsPath = "/etc/systemd/system"
+    resolved_dropin: AbsPath = "/etc/systemd/resolved.conf.d/tfcluster.conf"
+    nsswitch: AbsPath = "/etc/nsswitch.conf"
+    imds_endpoint: ImdsUrl = "http://169.254.169.254"
+    tf_config_path: AbsPath = "/run/tfcluster/tf_config.json"
+    service_user: User = "tfcluster"
+    python: Command = "python3"
+    systemctl: Command = "systemctl"
+    shutdown_command: Command = "shutdown"
+    """What the script calls to schedule ``max_lifetime``'s shutdown (``-P +MINUTES``)."""
+    dns_bind: IPv4 = "127.0.0.1"
+    dns_port: Port = 5353
+    health_addr: HostPort = "127.0.0.1:8080"
+    ready_addr: HostPort = "127.0.0.1:8181"
+    etcd_client_port: Port = ETCD_CLIENT_PORT
+    etcd_peer_port: Port = 2380
+    agent_venv: Venv = ""
+    """An existing virtualenv that holds the agent; empty: the script creates
+    one under ``install_dir`` and pip-installs the config's agent_package."""
+    etcd_listen_host: IPv4 = "0.0.0.0"
+    """etcd's client address: every interface on EC2; the control node's own locally."""
+    distinct_ports: Boolean = False
+    """One TF port per task: every task shares one host (the local cloud's loopback mode)."""
+    check_system_resolver: Boolean = True
+    """False where getaddrinfo cannot reach CoreDNS (loopback mode: no resolv.conf of its own)."""
+    tf_config_addresses: AddressMode = "names"
+    """``ips`` where TensorFlow's getaddrinfo cannot resolve the zone (loopback mode)."""
+
+    @property
+    def bin_dir(self) -> str:
+        return f"{self.install_dir}/bin"
+
+    @property
+    def venv_dir(self) -> str:
+        return self.agent_venv or f"{self.install_dir}/venv"
+
+    @property
+    def agent_config(self) -> str:
+        return f"{self.config_dir}/agent.json"
+
+
+DEFAULT_LAYOUT = Layout()
