@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import SplitResult, urlsplit
@@ -23,6 +24,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # One token in a unit file, a shell word, the Corefile and resolved.conf alike.
 _PATH = re.compile(r"^/[A-Za-z0-9._+\-/@,=:~]*$")
 _NAME = re.compile(r"^[A-Za-z0-9._+\-]+$")
+CONTROL_NODE = "control-node"
+"""``etcd: control-node``: launch a control node running etcd."""
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
 
 
@@ -165,6 +168,63 @@ def server_url(value: Any, key: str, *, port: bool) -> str:
     if url.path not in ("", "/") or url.query or url.fragment or "@" in url.netloc:
         raise ValueError(f"{key} has no path, query or user, got {value!r}")
     return f"{url.scheme}://{url.netloc.lower()}"
+
+
+def zone(value: Any) -> str:
+    """A DNS zone for task names: two labels or more, neither localhost nor reverse."""
+    name = value.rstrip(".").lower() if isinstance(value, str) else ""
+    labels = name.split(".")
+    # Two labels at least: resolvers treat single-label names specially (LLMNR, search lists).
+    if len(labels) < 2 or len(name) > 200 or not is_hostname(name):
+        raise ValueError(f"must be a DNS name of two labels or more, got {value!r}")
+    if labels[-1] == "localhost" or name.endswith((".in-addr.arpa", ".ip6.arpa")):
+        raise ValueError(f"must not be localhost or a reverse zone, got {value!r}")
+    return name
+
+
+def cidr(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(value if isinstance(value, str) else "", strict=True))
+    except ValueError as exc:
+        raise ValueError(f"must be a CIDR such as 203.0.113.7/32: {exc}") from None
+
+
+def etcd(value: Any) -> tuple[str, ...]:
+    """``control-node`` (no endpoints: launch one) or a list of etcd client URLs."""
+    if value == CONTROL_NODE or value == ():
+        return ()
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"must be {CONTROL_NODE!r} or a list of client URLs, got {value!r}")
+    return tuple(server_url(item, "an etcd endpoint", port=True) for item in value)
+
+
+def artifact_url(value: Any) -> str:
+    url = parse_url(value)
+    if url is None or url.scheme not in ("https", "http", "file") or not url.path:
+        raise ValueError(f"must be an https, http or file URL, got {value!r}")
+    return str(value)
+
+
+def sha256(value: Any) -> str:
+    if not isinstance(value, str):  # YAML reads an unquoted all-digit value as a number
+        raise ValueError("must be a quoted string of 64 hex digits")
+    return matching(r"^[0-9a-f]{64}$", "be 64 hex digits")(value.lower())
+
+
+def program(value: Any) -> tuple[str, ...]:
+    """A command line (split like a shell would) or a list of arguments."""
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        argv = list(value)
+    else:
+        raise ValueError(f"must be a command string or a list of strings, got {value!r}")
+    if not argv or not all(arg.isprintable() for arg in argv):
+        raise ValueError(f"must be a non-empty command on one line, got {value!r}")
+    return tuple(argv)
 
 
 Boolean = Annotated[bool, PlainValidator(boolean)]

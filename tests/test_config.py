@@ -110,9 +110,9 @@ def test_config_is_frozen(tmp_path):
         ({"zone": "local"}, "zone: must be a DNS name of two labels"),
         ({"zone": "bad..zone"}, "zone: must be a DNS name"),
         ({"chief": 2}, "chief: must be an integer >= 0 and <= 1, got 2"),
-        ({"ps": 0}, "ps: must be an integer >= 1, got 0"),
-        ({"workers": "x"}, "workers: must be an integer >= 1, got 'x'"),
-        ({"workers": True}, "workers: must be an integer >= 1, got True"),
+        ({"ps": 0}, "ps: must be an integer >= 1 and <= 1000, got 0"),
+        ({"workers": "x"}, "workers: must be an integer >= 1 and <= 1000, got 'x'"),
+        ({"workers": True}, "workers: must be an integer >= 1 and <= 1000, got True"),
         ({"instance_types": {"worker": "huge"}}, "instance_types.worker: must be an EC2"),
         ({"instance_types": "m5.large"}, "instance_types: must be a mapping"),
         ({"ami": "ubuntu"}, "ami: must look like ami-"),
@@ -214,7 +214,7 @@ def test_overrides_win_over_the_file(tmp_path):
 
 def test_overrides_are_validated_like_the_file(tmp_path):
     path = write(tmp_path, GOOD)
-    with pytest.raises(ConfigError, match=r"^workers: must be an integer >= 1, got 'x'$"):
+    with pytest.raises(ConfigError, match=r"^workers: must be an integer >= 1 and <= 1000, got 'x'$"):
         load_cluster_config(path, {"workers": "x"})
     with pytest.raises(ConfigError, match=r"^instance_types\.gpu: unknown key"):
         load_cluster_config(path, {"instance_types.gpu": "p3.2xlarge"})
