@@ -45,7 +45,7 @@ def matching(pattern: str, what: str) -> Callable[[Any], str]:
     regex = re.compile(pattern)
 
     def check(value: Any) -> str:
-        if not isinstance(value, str) or not regex.match(value):
+        if not isinstance(value, str) or not regex.fullmatch(value):
             raise ValueError(f"must {what}, got {value!r}")
         return value
 
@@ -75,7 +75,7 @@ def one_line(value: Any, what: str) -> str:
 
 
 def path(value: Any) -> str:
-    if not isinstance(value, str) or not _PATH.match(value):
+    if not isinstance(value, str) or not _PATH.fullmatch(value):
         raise ValueError(
             "must be an absolute path of letters, digits and ._+-/@,=:~ "
             f"(no spaces, quotes or control characters), got {value!r}"
@@ -85,7 +85,7 @@ def path(value: Any) -> str:
 
 def command(value: Any) -> str:
     """A program: a name looked up on PATH, or an absolute path."""
-    if isinstance(value, str) and _NAME.match(value):
+    if isinstance(value, str) and _NAME.fullmatch(value):
         return value
     try:
         return path(value)
@@ -116,7 +116,7 @@ def host_port(value: Any) -> str:
 
 def duration(value: Any) -> int:
     """``90m``, ``12h``, ``2d``, ``1d12h``: seconds."""
-    found = _DURATION.match(value) if isinstance(value, str) and value else None
+    found = _DURATION.fullmatch(value) if isinstance(value, str) and value else None
     if found is None:
         raise ValueError(f"must be a duration such as 90m, 12h or 2d, got {value!r}")
     days, hours, minutes = (int(part or 0) for part in found.groups())
@@ -137,7 +137,7 @@ def is_ip(host: str) -> bool:
 def is_hostname(host: str) -> bool:
     """A DNS name of letters, digits and hyphens (a trailing dot allowed)."""
     labels = host.removesuffix(".").split(".")
-    return len(host) <= 253 and all(_LABEL.match(label) for label in labels)
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def parse_url(value: Any) -> SplitResult | None:
