@@ -430,7 +430,7 @@ def test_max_lifetime_is_in_the_script_of_every_role():
         assert script.index('"$shutdown" -P "+$lifetime_minutes"') < script.index(
             'install_artifact "'
         )
-        assert "# max_lifetime (1h30m)" in script
+        assert "# max_lifetime (1h30m): power off" in script
 
 
 def test_units_pass_systemd_analyze_verify(sandbox):
