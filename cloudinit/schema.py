@@ -125,7 +125,7 @@ class ConfigFile(BaseModel):
             tuple(f".{suffix}" for suffix in PRIVATE_ZONES)
         ):
             raise ValueError(
-                f"zone: {self.zone} is not under a private-use suffix "
+                f"zone: {self.zone!r} is not under a private-use suffix "
                 f"({', '.join(PRIVATE_ZONES)}); set allow_public_zone: true to use it anyway"
             )
         return self

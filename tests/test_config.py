@@ -366,8 +366,8 @@ def test_every_layout_default_and_the_local_clouds_layouts_pass():
         ("localhost", "zone: must be a DNS name of two labels"),
         ("*.local", "zone: must be a DNS name"),
         ("tf.local }", "zone: must be a DNS name"),
-        ("tensorflow.example.com", "zone: tensorflow.example.com is not under a private-use"),
-        ("tensorflow.io", "zone: tensorflow.io is not under a private-use"),
+        ("tensorflow.example.com", "zone: 'tensorflow.example.com' is not under a private-use"),
+        ("tensorflow.io", "zone: 'tensorflow.io' is not under a private-use"),
     ],
 )
 def test_zone_is_private_and_forward(zone, message):
