@@ -3,10 +3,12 @@
 A value that reaches a template must keep the template's structure: a path
 in a systemd unit is one token with no ``%`` (a specifier) or ``$`` (an
 expansion), an address in the Corefile is one token with no brace, a URL is
-parsed, not pattern-matched. Each check is a pydantic-annotated type used by
-the schema in ``config.py`` and by the `Layout` fields; a failure is a
-ValueError whose message reads after the key, e.g. ``must be an integer
->= 1 and <= 1000, got 0``.
+parsed, not pattern-matched. Each check is a function that returns the
+value (normalised) or raises a ValueError whose message reads after the key,
+e.g. ``must be an integer >= 1 and <= 1000, got 0``; the ``Annotated`` types
+at the end carry them into the schema (`schema.py`) and the `Layout` fields.
+Every pattern must match the whole value: a regex's ``$`` alone lets a final
+newline through.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import PlainValidator
 
-_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-# One token in a unit file, a shell word, the Corefile and resolved.conf alike.
-_PATH = re.compile(r"^/[A-Za-z0-9._+\-/@,=:~]*$")
-_NAME = re.compile(r"^[A-Za-z0-9._+\-]+$")
 CONTROL_NODE = "control-node"
 """``etcd: control-node``: launch a control node running etcd."""
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
+
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# One token in a unit file, a shell word, the Corefile and resolved.conf alike.
+_PATH = re.compile(r"/[A-Za-z0-9._+\-/@,=:~]*")
+_NAME = re.compile(r"[A-Za-z0-9._+\-]+")
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?")
 
 
 def integer(low: int, high: int) -> Callable[[Any], int]:

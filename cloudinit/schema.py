@@ -42,19 +42,24 @@ class ConfigError(ValueError):
     """The cluster config is invalid; the message names the key."""
 
 
-def _v(check: Any) -> PlainValidator:
-    return PlainValidator(check)
+def _aws_id(prefix: str) -> PlainValidator:
+    return PlainValidator(matching(f"{prefix}-[0-9a-f]{{8,17}}", f"look like {prefix}-0abc..."))
 
 
-def _id(prefix: str) -> Any:
-    check = matching(rf"^{prefix}-[0-9a-f]{{8,17}}$", f"look like {prefix}-0abc...")
-    return Annotated[str | None, _v(check)]
+def _one_line(what: str) -> PlainValidator:
+    return PlainValidator(lambda value: one_line(value, what))
 
 
-Label = Annotated[str, _v(matching(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "be a DNS label (a-z, 0-9, '-', at most 63)"))]  # fmt: skip # noqa: E501
-Region = Annotated[str | None, _v(matching(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$", "look like us-east-1"))]
-Count = Annotated[int, _v(integer(1, MAX_TASKS))]
-InstanceType = Annotated[str, _v(matching(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$", "be an EC2 instance type such as m5.large"))]  # fmt: skip # noqa: E501
+_label = matching(
+    "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", "be a DNS label (a-z, 0-9, '-', at most 63)"
+)
+_instance_type = matching(r"[a-z][a-z0-9-]*\.[a-z0-9]+", "be an EC2 instance type such as m5.large")
+Label = Annotated[str, PlainValidator(_label)]
+Region = Annotated[
+    str | None, PlainValidator(matching("[a-z]{2}(-[a-z]+)+-[0-9]+", "look like us-east-1"))
+]
+Count = Annotated[int, PlainValidator(integer(1, MAX_TASKS))]
+InstanceType = Annotated[str, PlainValidator(_instance_type)]
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -68,8 +73,8 @@ class InstanceTypes(BaseModel):
 
 class ArtifactFields(BaseModel):
     model_config = _STRICT
-    url: Annotated[str | None, _v(checks.artifact_url)] = None
-    sha256: Annotated[str | None, _v(checks.sha256)] = None
+    url: Annotated[str | None, PlainValidator(checks.artifact_url)] = None
+    sha256: Annotated[str | None, PlainValidator(checks.sha256)] = None
 
 
 class Artifacts(BaseModel):
@@ -92,28 +97,28 @@ class ConfigFile(BaseModel):
     model_config = _STRICT
     cluster: Label
     region: Region = None
-    zone: Annotated[str, _v(checks.zone)] = "tensorflow.local"
+    zone: Annotated[str, PlainValidator(checks.zone)] = "tensorflow.local"
     allow_public_zone: Boolean = False
-    chief: Annotated[int, _v(integer(0, 1))] = 1
+    chief: Annotated[int, PlainValidator(integer(0, 1))] = 1
     ps: Count = 1
     workers: Count = 2
     instance_types: InstanceTypes = InstanceTypes()
-    ami: _id("ami") = None  # type: ignore[valid-type]
-    subnet_id: _id("subnet") = None  # type: ignore[valid-type]
-    vpc_id: _id("vpc") = None  # type: ignore[valid-type]
-    key_name: Annotated[str | None, _v(lambda v: one_line(v, "the name of an EC2 key pair"))] = None
-    ssh_cidr: Annotated[str | None, _v(checks.cidr)] = None
+    ami: Annotated[str | None, _aws_id("ami")] = None
+    subnet_id: Annotated[str | None, _aws_id("subnet")] = None
+    vpc_id: Annotated[str | None, _aws_id("vpc")] = None
+    key_name: Annotated[str | None, _one_line("the name of an EC2 key pair")] = None
+    ssh_cidr: Annotated[str | None, PlainValidator(checks.cidr)] = None
     spot_workers: Boolean = False
-    etcd: Annotated[tuple[str, ...], _v(checks.etcd)] = ()
+    etcd: Annotated[tuple[str, ...], PlainValidator(checks.etcd)] = ()
     artifacts: Artifacts = Artifacts()
-    agent_package: Annotated[str, _v(lambda v: one_line(v, "a pip requirement"))] = "tfcluster[tf]"
+    agent_package: Annotated[str, _one_line("a pip requirement")] = "tfcluster[tf]"
     tf_port: Port = 2222
-    lease_ttl: Annotated[int, _v(integer(2, 3600))] = 10
-    record_ttl: Annotated[int, _v(integer(1, 3600))] = 5
-    program: Annotated[tuple[str, ...] | None, _v(checks.program)] = None
-    max_instances: Annotated[int, _v(integer(1, 4 * MAX_TASKS))] = 16
-    max_lifetime: Annotated[int | None, _v(checks.duration)] = None
-    layout: LayoutFields = LayoutFields()  # type: ignore[valid-type]
+    lease_ttl: Annotated[int, PlainValidator(integer(2, 3600))] = 10
+    record_ttl: Annotated[int, PlainValidator(integer(1, 3600))] = 5
+    program: Annotated[tuple[str, ...] | None, PlainValidator(checks.program)] = None
+    max_instances: Annotated[int, PlainValidator(integer(1, 4 * MAX_TASKS))] = 16
+    max_lifetime: Annotated[int | None, PlainValidator(checks.duration)] = None
+    layout: LayoutFields = LayoutFields()  # type: ignore[valid-type]  # a model made at import
 
     @after_fields(mode="after")
     def _together(self) -> ConfigFile:
