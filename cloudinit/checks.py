@@ -29,7 +29,7 @@ _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # One token in a unit file, a shell word, the Corefile and resolved.conf alike.
 _PATH = re.compile(r"/[A-Za-z0-9._+\-/@,=:~]*")
 _NAME = re.compile(r"[A-Za-z0-9._+\-]+")
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?")
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
 def integer(low: int, high: int) -> Callable[[Any], int]:
@@ -118,15 +118,15 @@ def host_port(value: Any) -> str:
 
 
 def duration(value: Any) -> int:
-    """``90m``, ``12h``, ``2d``, ``1d12h``: seconds."""
+    """``90m``, ``12h``, ``2d``, ``1d12h``, ``3600s``: seconds, 10 minutes to 30 days."""
     found = _DURATION.fullmatch(value) if isinstance(value, str) and value else None
     if found is None:
         raise ValueError(f"must be a duration such as 90m, 12h or 2d, got {value!r}")
-    days, hours, minutes = (int(part or 0) for part in found.groups())
-    seconds = ((days * 24 + hours) * 60 + minutes) * 60
-    if not 10 * 60 <= seconds <= 30 * 86400:
+    days, hours, minutes, seconds = (int(part or 0) for part in found.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if not 10 * 60 <= total <= 30 * 86400:
         raise ValueError(f"must be between 10m and 30d, got {value!r}")
-    return seconds
+    return total
 
 
 def is_ip(host: str) -> bool:

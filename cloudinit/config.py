@@ -34,7 +34,7 @@ The file (every key optional except ``cluster``)::
     record_ttl: 5                    # DNS TTL of each record
     program: null                    # chief only: the training command, e.g. "python3 train.py"
     max_instances: 16                # up asks for confirmation above this many instances
-    max_lifetime: null               # e.g. 12h, 90m, 2d (10m..30d): every instance shuts
+    max_lifetime: null               # e.g. 12h, 90m, 2d, 1d12h (10m..30d): every instance shuts
                                      #   itself down (and so terminates) after that long
     layout: {}                       # where things go on an instance: fields of
                                      #   layout.Layout, e.g. {dns_port: 53}; the

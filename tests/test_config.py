@@ -430,6 +430,8 @@ def test_max_instances_defaults_to_16_and_is_bounded():
         ("2d", 172800),
         ("1d12h", 129600),
         ("30d", 2592000),
+        ("3600s", 3600),
+        ("1h0m30s", 3630),
     ],
 )
 def test_max_lifetime_is_a_duration_in_seconds(text, seconds):

@@ -422,6 +422,11 @@ def test_without_max_lifetime_nothing_is_scheduled(sandbox):
     assert "shutdown" not in script_of(make_config(), "control")
 
 
+def test_max_lifetime_rounds_up_to_whole_minutes():
+    script = script_of(make_config(max_lifetime="10m1s"), "control")
+    assert "\nlifetime_minutes=11\n" in script and "# max_lifetime (11m)" in script
+
+
 def test_max_lifetime_is_in_the_script_of_every_role():
     config = make_config(max_lifetime="90m")
     for role, endpoints in (("control", None), ("chief", ETCD), ("ps", ETCD), ("worker", ETCD)):
