@@ -427,3 +427,22 @@ def test_odd_values_are_refused_or_keep_every_files_structure(tmp_path, render_c
     assert not failures, "\n".join(failures[:10])
     # The property means something only if odd values got through to the files.
     assert len(accepted) >= EXAMPLES // 10 and len(refused) >= EXAMPLES // 4
+
+
+def test_every_string_key_is_fuzzed():
+    """A new string key or layout field must join FIELDS (and so the property)."""
+    from tfcluster.cloudinit.schema import ConfigFile
+
+    not_strings = {
+        "allow_public_zone", "chief", "ps", "workers", "spot_workers", "tf_port", "lease_ttl",
+        "record_ttl", "max_instances", "instance_types", "artifacts", "layout",
+    }  # fmt: skip
+    assert set(ConfigFile.model_fields) - not_strings == {f.split(".")[0] for f in FIELDS} - {
+        "instance_types", "artifacts", "layout"
+    }  # fmt: skip
+    layout_strings = {
+        f"layout.{f.name}"
+        for f in dataclasses.fields(DEFAULT_LAYOUT)
+        if not isinstance(getattr(DEFAULT_LAYOUT, f.name), int)  # bool is an int
+    }
+    assert layout_strings <= set(FIELDS)
