@@ -109,7 +109,7 @@ def host_port(value: Any) -> str:
     if (
         url is None
         or url.port is None
-        or url.path + url.query + url.fragment
+        or url.netloc != value
         or "@" in url.netloc
         or (url.hostname and not is_ip(url.hostname))
     ):
@@ -153,9 +153,11 @@ def parse_url(value: Any) -> SplitResult | None:
         return None
     try:
         url = urlsplit(value)
-        url.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        port = url.port  # ValueError for a port out of range or not a number
     except ValueError:
         return None
+    if port is not None and not re.fullmatch(r"[0-9]{1,5}", url.netloc.rpartition(":")[2]):
+        return None  # int() would also take "+80" or " 80"
     if url.hostname is not None and not (is_ip(url.hostname) or is_hostname(url.hostname)):
         return None
     return url

@@ -289,6 +289,7 @@ def test_count_from_the_command_line_is_one_line():
         "http://10.0.0.5:2379\n",
         "http://10.0.0.5:23\n79",  # urlsplit alone drops the newline
         "http://10.0.0.5:99999",
+        "http://10.0.0.5:+2379",
         "http://user@10.0.0.5:2379",
         "http://",
         "notaurl",
@@ -320,6 +321,8 @@ def test_etcd_endpoints_are_normalised():
         ("ready_addr", "127.0.0.1:8181 extra", "must be HOST:PORT"),
         ("health_addr", "localhost:8080", "must be HOST:PORT"),
         ("health_addr", "127.0.0.1", "must be HOST:PORT"),
+        ("health_addr", "127.0.0.1:8080?", "must be HOST:PORT"),
+        ("ready_addr", "127.0.0.1:+8181", "must be HOST:PORT"),
         ("imds_endpoint", "http://169.254.169.254/latest", "the metadata service has no path"),
         ("imds_endpoint", "http://{imds}", "the metadata service must look like"),
         ("dns_port", 0, "must be an integer >= 1 and <= 65535"),
