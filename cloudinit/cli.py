@@ -13,11 +13,14 @@ from typing import Any
 import click
 
 from tfcluster.cloudinit import plan, provision
+from tfcluster.cloudinit.checks import cluster_name
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
-from tfcluster.cloudinit.cloud.provider import CLUSTER_NAME, InvalidEndpoint, Node, ProviderError
+from tfcluster.cloudinit.cloud.provider import InvalidEndpoint, Node, ProviderError
 from tfcluster.cloudinit.config import (
     INSTANCE_ROLES,
+    ClusterConfig,
     ConfigError,
+    config_warnings,
     load_cluster_config,
     parse_overrides,
 )
@@ -47,11 +50,20 @@ def _one_line_errors() -> Iterator[None]:
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
+def _load(path: Path | None, overrides: dict[str, Any]) -> ClusterConfig:
+    """The validated config; what it allows but is probably a mistake goes to stderr."""
+    config = load_cluster_config(path, overrides)
+    for warning in config_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
+    return config
+
+
 def _cluster_name(name: str) -> str:
     """The --cluster value, held to the config's rule: a wildcard never selects clusters."""
-    if not CLUSTER_NAME.match(name):
-        raise ConfigError(f"cluster: must be a DNS label (a-z, 0-9, '-', at most 63), got {name!r}")
-    return name
+    try:
+        return cluster_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"cluster: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -201,7 +213,7 @@ def up(
         if local:
             _up_local(config_path, overrides, endpoint_url, dry_run, steps, loopback)
             return
-        config = load_cluster_config(config_path, overrides)
+        config = _load(config_path, overrides)
         provider = Ec2Provider(config.region, endpoint_url=endpoint_url)
         result = provision.up(
             config,
@@ -491,7 +503,7 @@ def render(
     """Print the user-data one instance of ROLE would receive: readable parts,
     or with --raw the exact bytes RunInstances gets."""
     with _one_line_errors():
-        config = load_cluster_config(config_path, parse_overrides(overrides))
+        config = _load(config_path, parse_overrides(overrides))
         endpoints = list(etcd_endpoints) or None
         try:
             data = render_user_data(config, role, index, endpoints)

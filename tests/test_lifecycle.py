@@ -493,3 +493,33 @@ def test_a_bad_endpoint_url_is_one_line_and_exit_2(
             line = run.one_line_error(2)
             assert "endpoint" in line, line
     assert server.log == []
+
+
+def test_bad_config_input_is_one_line_and_exit_2_with_nothing_created(
+    server: ControlledMoto, env: dict[str, str], tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(config.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+    up = ("up", "--config", str(config), "--endpoint-url", server.url)
+    cases = {
+        "not UTF-8": ("up", "--config", str(latin1), "--endpoint-url", server.url),
+        "zone wildcard": (*up, "--set", "zone=*.local"),
+        "reverse zone": (*up, "--set", "zone=10.in-addr.arpa"),
+        "public zone": (*up, "--set", "zone=example.com"),
+        "huge count": (*up, "--ps", "10000000000000000000000", "--dry-run"),
+        "float count": (*up, "--set", "ps=1e8"),
+        "etcd host with spaces": (*up, "--set", "etcd=[http://a b:2379]"),
+        "etcd host with braces": (*up, "--set", "etcd=['http://{a}:2379']"),
+        "newline in a layout path": (
+            *up,
+            "--set",
+            'layout.config_dir="/etc/x\\nExecStartPre=/bin/sh"',
+        ),
+        "usage error": (*up, "--ps", "1e8"),
+    }
+    for name, args in cases.items():
+        run = tfcluster(env, *args)
+        line = run.one_line_error(2)
+        assert len(line) < 300, (name, line)
+    assert server.mutating_calls() == [], server.log

@@ -243,11 +243,13 @@ def test_cloud_config_passes_cloud_init_schema(tmp_path, role):
 
 
 @pytest.mark.parametrize(("role", "index"), [("control", None), *TASKS])
-def test_script_passes_shellcheck(tmp_path, role, index):
+@pytest.mark.parametrize("lifetime", [None, "12h"])
+def test_script_passes_shellcheck(tmp_path, role, index, lifetime):
     shellcheck = require_tool("shellcheck")
     endpoints = None if role == "control" else ETCD
     script = tmp_path / "user-data.sh"
-    script.write_text(script_of(make_config(), role, index=index, etcd_endpoints=endpoints))
+    config = make_config(max_lifetime=lifetime)
+    script.write_text(script_of(config, role, index=index, etcd_endpoints=endpoints))
     result = run([shellcheck, "--shell=bash", "--severity=style", str(script)])
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -286,6 +288,10 @@ class Sandbox:
             "printf '#!/bin/sh\\n' > \"$3/bin/tfcluster\"\n"
             'chmod +x "$3/bin/pip" "$3/bin/tfcluster"\n',
         )
+        self.shutdowns = root / "shutdown.log"
+        shutdown = executable(
+            root / "tools/shutdown", f'#!/bin/sh\necho "$*" >> {self.shutdowns}\n'
+        )
         self.nsswitch = root / "etc/nsswitch.conf"
         self.nsswitch.parent.mkdir(parents=True)
         self.nsswitch.write_text(
@@ -303,6 +309,7 @@ class Sandbox:
             service_user=pwd.getpwuid(os.getuid()).pw_name,
             python=str(python),
             systemctl=str(systemctl),
+            shutdown_command=str(shutdown),
         )
 
     def artifacts(self) -> dict[str, Any]:
@@ -393,6 +400,41 @@ def test_script_refuses_a_download_with_the_wrong_checksum(sandbox):
     assert "FAILED" in result.stdout + result.stderr
     assert not sandbox.path("opt/bin/coredns").exists()
     assert not sandbox.calls.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("role", ["control", "worker"])
+def test_max_lifetime_schedules_the_power_off_first(sandbox, role):
+    # Even a script that fails later (here: a wrong checksum) has scheduled it.
+    artifacts = {**sandbox.artifacts(), "artifacts.coredns.sha256": SHA_A}
+    config = make_config(max_lifetime="1d12h", **artifacts)
+    endpoints = None if role == "control" else ETCD
+    result = sandbox.run(config, role, etcd_endpoints=endpoints)
+    assert result.returncode != 0 and not sandbox.path("opt/bin/coredns").exists()
+    assert sandbox.shutdowns.read_text() == "-P +2160\n"  # 36 h in minutes
+    assert "scheduling power-off in 2160 minutes" in result.stderr
+
+
+def test_without_max_lifetime_nothing_is_scheduled(sandbox):
+    result = sandbox.run(make_config(**sandbox.artifacts()), "control")
+    assert result.returncode == 0, result.stderr
+    assert not sandbox.shutdowns.exists()
+    assert "shutdown" not in script_of(make_config(), "control")
+
+
+def test_max_lifetime_rounds_up_to_whole_minutes():
+    script = script_of(make_config(max_lifetime="10m1s"), "control")
+    assert "\nlifetime_minutes=11\n" in script and "# max_lifetime (11m)" in script
+
+
+def test_max_lifetime_is_in_the_script_of_every_role():
+    config = make_config(max_lifetime="90m")
+    for role, endpoints in (("control", None), ("chief", ETCD), ("ps", ETCD), ("worker", ETCD)):
+        script = script_of(config, role, etcd_endpoints=endpoints)
+        assert "\nshutdown=shutdown\nlifetime_minutes=90\n" in script
+        assert script.index('"$shutdown" -P "+$lifetime_minutes"') < script.index(
+            'install_artifact "'
+        )
+        assert "# max_lifetime (1h30m): power off" in script
 
 
 def test_units_pass_systemd_analyze_verify(sandbox):

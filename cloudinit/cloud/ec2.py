@@ -32,6 +32,7 @@ from tfcluster.cloudinit.cloud.aws_errors import (
     translate_errors,
 )
 from tfcluster.cloudinit.cloud.ec2_groups import SecurityGroups
+from tfcluster.cloudinit.cloud.ec2_instances import TERMINATE_BATCH, node_of, run_instances_params
 from tfcluster.cloudinit.cloud.ec2_lock import ClusterLocks
 from tfcluster.cloudinit.cloud.provider import (
     LIVE_STATES,
@@ -40,10 +41,6 @@ from tfcluster.cloudinit.cloud.provider import (
     STOPPED,
     STOPPING,
     TAG_CLUSTER,
-    TAG_EXPIRES,
-    TAG_INDEX,
-    TAG_ROLE,
-    TAG_ZONE,
     TERMINATED,
     ClusterLock,
     ClusterSummary,
@@ -61,10 +58,7 @@ from tfcluster.cloudinit.cloud.provider import (
 )
 from tfcluster.cloudinit.cloud.tags import (
     PAGE_SIZE,
-    iso,
     of_cluster,
-    parse_time,
-    tag_list,
     tags_of,
 )
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
@@ -80,35 +74,6 @@ CLIENT_CONFIG = botocore.config.Config(
 )
 """Each attempt is bounded by the timeouts; throttling and transient errors
 are retried at most 4 times with backoff, anything else fails at once."""
-
-METADATA_OPTIONS = {
-    "HttpTokens": "required",
-    "HttpEndpoint": "enabled",
-    "HttpPutResponseHopLimit": 1,
-}
-"""IMDSv2 only; hop limit 1 keeps the metadata out of reach of containers."""
-
-USER_DATA_LIMIT = 16384
-"""EC2 rejects user-data above 16 KB (before base64)."""
-
-TERMINATE_BATCH = 1000
-
-
-def _node(instance: dict[str, Any]) -> Node:
-    tags = tags_of(instance)
-    launch_index = int(instance.get("AmiLaunchIndex", 0))
-    explicit = tags.get(TAG_INDEX)
-    return Node(
-        instance_id=instance["InstanceId"],
-        role=tags.get(TAG_ROLE, "unknown"),
-        index=int(explicit) if explicit is not None else launch_index,
-        state=instance["State"]["Name"],
-        private_ip=instance.get("PrivateIpAddress") or None,
-        launch_index=launch_index,
-        zone=tags.get(TAG_ZONE),
-        explicit_index=explicit is not None,
-        expires=parse_time(tags.get(TAG_EXPIRES)),
-    )
 
 
 class Ec2Provider(NodeProvider):
@@ -230,54 +195,10 @@ class Ec2Provider(NodeProvider):
         index: int | None = None,
         zone: str | None = None,
     ) -> list[Node]:
-        if count < 1:
-            raise ValueError(f"count must be at least 1, got {count}")
-        if index is not None and count != 1:
-            raise ValueError("an explicit index needs count == 1")
-        if len(user_data) > USER_DATA_LIMIT:
-            raise LaunchFailed(
-                f"user-data for {role} is {len(user_data)} bytes; EC2 accepts {USER_DATA_LIMIT}"
-            )
-        tags = {TAG_CLUSTER: cluster, TAG_ROLE: role}
-        if zone is not None:
-            tags[TAG_ZONE] = zone
-        if index is not None:
-            tags[TAG_INDEX] = str(index)
-        if spec.expires is not None:
-            tags[TAG_EXPIRES] = iso(spec.expires)
-        tags["Name"] = f"{cluster}-{role}" if index is None else f"{cluster}-{role}{index}"
-        params: dict[str, Any] = {
-            "ImageId": spec.image_id,
-            "InstanceType": spec.instance_type,
-            # MinCount == MaxCount: all of the role's tasks start, or none does.
-            "MinCount": count,
-            "MaxCount": count,
-            "UserData": user_data,
-            "SecurityGroupIds": [spec.security_group_id],
-            "MetadataOptions": METADATA_OPTIONS,
-            # A node that powers itself off is gone, not a stopped leftover.
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "TagSpecifications": [
-                {"ResourceType": "instance", "Tags": tag_list(tags)},
-                {"ResourceType": "volume", "Tags": tag_list({TAG_CLUSTER: cluster})},
-            ],
-        }
-        if spec.subnet_id is not None:
-            params["SubnetId"] = spec.subnet_id
-        if spec.key_name is not None:
-            params["KeyName"] = spec.key_name
-        if spec.spot:
-            # One-time requests close once fulfilled: nothing outlives the instances.
-            params["InstanceMarketOptions"] = {
-                "MarketType": "spot",
-                "SpotOptions": {
-                    "SpotInstanceType": "one-time",
-                    "InstanceInterruptionBehavior": "terminate",
-                },
-            }
+        params = run_instances_params(cluster, role, count, user_data, spec, index=index, zone=zone)
         with translate_errors(f"launching {count} {role} node(s)", launching=True):
             reservation = self.ec2.run_instances(**params)
-        return [_node(instance) for instance in reservation["Instances"]]
+        return [node_of(instance) for instance in reservation["Instances"]]
 
     def user_data(self, instance_id: str) -> bytes:
         with translate_errors(f"reading the user-data of {instance_id}"):
@@ -308,7 +229,7 @@ class Ec2Provider(NodeProvider):
             ]
         )
         return sorted(
-            (_node(i) for i in of_cluster(instances, cluster)),
+            (node_of(i) for i in of_cluster(instances, cluster)),
             key=lambda n: (n.role, n.index, n.instance_id),
         )
 

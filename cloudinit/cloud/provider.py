@@ -43,7 +43,6 @@ a lock left by a crashed run blocks the cluster only until then, or until
 from __future__ import annotations
 
 import abc
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,9 +55,6 @@ TAG_EXPIRES = "tfcluster:expires"
 """On an instance: when ``max_lifetime`` shuts it down (ISO 8601, UTC)."""
 TAG_LOCK_HOLDER = "tfcluster:lock-holder"
 TAG_LOCK_EXPIRES = "tfcluster:lock-expires"
-
-CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-"""A cluster name is one DNS label: no wildcard, no dot, no space."""
 
 CONTROL_ROLE = "control"
 

@@ -1,53 +1,83 @@
-"""Where things go on an instance: paths, ports, the commands the script calls.
+"""Where things go on an instance and which commands its user-data calls.
 
-A config-level type with no dependency on the config itself, so that the
-config can validate ``layout`` overrides against it and the renderer can use
-it, without the two importing each other.
+The defaults are an EC2 instance's; the config's ``layout`` key overrides
+fields (the local cloud gives each simulated instance its own directories,
+IMDS emulator and service manager). Each field's type says where its value
+lands and is checked for it (`checks`, through the config's schema): paths
+and commands are one token in a unit file and the script, addresses are
+parsed, ports are in range.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import PlainValidator
+
+from tfcluster.cloudinit.checks import (
+    AbsPath,
+    Boolean,
+    Command,
+    HostPort,
+    IPv4,
+    Port,
+    User,
+    one_of,
+    path,
+    server_url,
+)
 
 ETCD_CLIENT_PORT = 2379
 
 
+def _imds(value: Any) -> str:
+    return server_url(value, "the metadata service", port=False)
+
+
+def _venv(value: Any) -> str:
+    return "" if value == "" else path(value)
+
+
+ImdsUrl = Annotated[str, PlainValidator(_imds)]
+Venv = Annotated[str, PlainValidator(_venv)]
+AddressMode = Annotated[str, PlainValidator(one_of("names", "ips"))]
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where things go on an instance and which commands the script calls.
+    """Where things go on an instance; see the module docstring."""
 
-    The defaults are an EC2 instance's; the local cloud gives each simulated
-    instance its own directories, IMDS emulator and service manager command.
-    """
-
-    install_dir: str = "/opt/tfcluster"
-    config_dir: str = "/etc/tfcluster"
-    state_dir: str = "/var/lib/tfcluster"
-    unit_dir: str = "/etc/systemd/system"
-    resolved_dropin: str = "/etc/systemd/resolved.conf.d/tfcluster.conf"
-    nsswitch: str = "/etc/nsswitch.conf"
-    imds_endpoint: str = "http://169.254.169.254"
-    tf_config_path: str = "/run/tfcluster/tf_config.json"
-    service_user: str = "tfcluster"
-    python: str = "python3"
-    systemctl: str = "systemctl"
-    dns_bind: str = "127.0.0.1"
-    dns_port: int = 5353
-    health_addr: str = "127.0.0.1:8080"
-    ready_addr: str = "127.0.0.1:8181"
-    etcd_client_port: int = ETCD_CLIENT_PORT
-    etcd_peer_port: int = 2380
-    agent_venv: str = ""
+    install_dir: AbsPath = "/opt/tfcluster"
+    config_dir: AbsPath = "/etc/tfcluster"
+    state_dir: AbsPath = "/var/lib/tfcluster"
+    unit_dir: AbsPath = "/etc/systemd/system"
+    resolved_dropin: AbsPath = "/etc/systemd/resolved.conf.d/tfcluster.conf"
+    nsswitch: AbsPath = "/etc/nsswitch.conf"
+    imds_endpoint: ImdsUrl = "http://169.254.169.254"
+    tf_config_path: AbsPath = "/run/tfcluster/tf_config.json"
+    service_user: User = "tfcluster"
+    python: Command = "python3"
+    systemctl: Command = "systemctl"
+    shutdown_command: Command = "shutdown"
+    """What the script calls to schedule ``max_lifetime``'s shutdown (``-P +MINUTES``)."""
+    dns_bind: IPv4 = "127.0.0.1"
+    dns_port: Port = 5353
+    health_addr: HostPort = "127.0.0.1:8080"
+    ready_addr: HostPort = "127.0.0.1:8181"
+    etcd_client_port: Port = ETCD_CLIENT_PORT
+    etcd_peer_port: Port = 2380
+    agent_venv: Venv = ""
     """An existing virtualenv that holds the agent; empty: the script creates
     one under ``install_dir`` and pip-installs the config's agent_package."""
-    etcd_listen_host: str = "0.0.0.0"
+    etcd_listen_host: IPv4 = "0.0.0.0"
     """etcd's client address: every interface on EC2; the control node's own locally."""
-    distinct_ports: bool = False
+    distinct_ports: Boolean = False
     """One TF port per task: every task shares one host (the local cloud's loopback mode)."""
-    check_system_resolver: bool = True
+    check_system_resolver: Boolean = True
     """False where getaddrinfo cannot reach CoreDNS (loopback mode: no resolv.conf of its own)."""
-    tf_config_addresses: str = "names"
+    tf_config_addresses: AddressMode = "names"
     """``ips`` where TensorFlow's getaddrinfo cannot resolve the zone (loopback mode)."""
 
     @property

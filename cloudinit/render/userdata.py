@@ -122,6 +122,7 @@ def render_parts(
         control=control,
         install_agent=not layout.agent_venv,
         variables=_script_variables(config, role, layout),
+        lifetime=_duration(config.max_lifetime),
         files=files,
         eof=_EOF,
         units=[f"tfcluster-{name}.service" for name in services],
@@ -199,7 +200,19 @@ def _script_variables(config: ClusterConfig, role: str, layout: Layout) -> list[
             "venv_dir": layout.venv_dir,
             "agent_package": config.agent_package,
         }
+    if config.max_lifetime is not None:
+        values |= {
+            "shutdown": layout.shutdown_command,
+            "lifetime_minutes": -(-config.max_lifetime // 60),
+        }
     return [(name, shlex.quote(str(value))) for name, value in values.items()]
+
+
+def _duration(seconds: int | None) -> str:
+    """``90m``, ``12h``, ``2d12h`` (``""`` for None): the config's own notation."""
+    minutes = -(-(seconds or 0) // 60)
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    return "".join(f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n)
 
 
 def _etcd_env(layout: Layout) -> str:
