@@ -54,12 +54,11 @@ from tfcluster.cloudinit.cloud.provider import (
 )
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
 from tfcluster.cloudinit.localcloud import daemons, instance, motoserver, network, parts, paths
+from tfcluster.cloudinit.localcloud.hosts import LOOPBACK, NETNS, Host, LoopbackHost, NetnsHost
 from tfcluster.cloudinit.localcloud.localstack import DEFAULT_BIN
-from tfcluster.cloudinit.render.layout import control_endpoint
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
 DEFAULT_RUN = paths.run_root() / "localcloud"
-NETNS, LOOPBACK = "netns", "loopback"
 BARRIER_TIMEOUT = 240.0
 """Seconds for every agent to pass its barrier (five TF imports on two cores take ~30 s)."""
 RUN_TIMEOUT = 60.0
@@ -125,25 +124,32 @@ class LocalCloud:
         self.instances_dir = self.folder / "instances"
         saved = self.folder / "mode"
         if saved.exists():
-            self.mode = saved.read_text().strip()
+            mode = saved.read_text().strip()
         elif loopback is None:
-            self.mode = NETNS if network.available() else LOOPBACK
+            mode = NETNS if network.available() else LOOPBACK
         else:
-            self.mode = LOOPBACK if loopback else NETNS
+            mode = LOOPBACK if loopback else NETNS
+        self.host: Host = (
+            NetnsHost(cluster, self.machine_root)
+            if mode == NETNS
+            else LoopbackHost(cluster, self._config)
+        )
+
+    @property
+    def mode(self) -> str:
+        return self.host.mode
 
     @property
     def cidr(self) -> str:
-        return network.CIDR if self.mode == NETNS else instance.LOOPBACK_CIDR
+        return self.host.cidr
 
     # -- set-up -----------------------------------------------------------------
 
     def check(self) -> None:
         """Raise `LocalCloudError` unless this machine can run local instances."""
-        if self.mode == NETNS and not network.available():
-            raise LocalCloudError(
-                f"cluster {self.cluster} uses network namespaces, which need root and "
-                "'ip netns'; run as root, or use another cluster with --loopback"
-            )
+        problem = self.host.check()
+        if problem is not None:
+            raise LocalCloudError(problem)
         if paths.missing_tools(self.bin_dir):
             raise LocalCloudError(paths.tools_missing_message(self.bin_dir))
 
@@ -270,26 +276,7 @@ class LocalCloud:
         folder.mkdir(parents=True)
         try:
             user_data = provider.user_data(node.instance_id)
-            if self.mode == NETNS:
-                instance.boot_netns(
-                    node,
-                    user_data,
-                    cluster=self.cluster,
-                    folder=folder,
-                    machine_root=self.machine_root,
-                )
-            else:
-                etcd = None
-                if node.role != CONTROL_ROLE and control is not None and control.private_ip:
-                    etcd = [control_endpoint(control.private_ip)]
-                instance.boot_loopback(
-                    node,
-                    user_data,
-                    config=self._config(),
-                    index=node.index if node.explicit_index else None,
-                    etcd_endpoints=etcd,
-                    folder=folder,
-                )
+            self.host.boot(node, user_data, folder, control)
         except (
             instance.BootError,
             parts.UserDataError,
@@ -310,20 +297,17 @@ class LocalCloud:
         return [i for i in self._instance_ids() if (self.instances_dir / i / BOOTED).exists()]
 
     def _processes(self, instance_id: str) -> list[int]:
-        if self.mode == NETNS:
-            return network.pids(network.namespace(self.cluster, instance_id))
-        return instance.processes(self.instances_dir / instance_id)
+        return self.host.processes(instance_id, self.instances_dir / instance_id)
 
     def _shut_down(self, instance_id: str) -> None:
         """What an EC2 shutdown does: SIGTERM to every process, SIGKILL after a while."""
         _stop_processes(
             functools.partial(self._processes, instance_id), f"{instance_id}'s processes"
         )
-        if self.mode == NETNS:
-            try:
-                network.detach(network.namespace(self.cluster, instance_id))
-            except network.NetworkError as exc:
-                raise LocalCloudError(str(exc)) from None
+        try:
+            self.host.release(instance_id)
+        except network.NetworkError as exc:
+            raise LocalCloudError(str(exc)) from None
         shutil.rmtree(self.instances_dir / instance_id, ignore_errors=True)
 
     # -- the barrier and DNS ------------------------------------------------------
@@ -408,8 +392,7 @@ class LocalCloud:
         agent_json = self._fs(instance_id) / instance.AGENT_CONFIG
         argv = [str(Path(sys.executable).parent / "tfcluster"), "wait", "--config", str(agent_json)]
         argv += ["--timeout", str(timeout)]
-        if self.mode == NETNS:
-            argv = network.exec_argv(network.namespace(self.cluster, instance_id), argv)
+        argv = self.host.on_instance(instance_id, argv)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
         if done.returncode != 0:
             raise LocalCloudError(f"asking the cluster's CoreDNS failed: {done.stderr.strip()}")
@@ -433,7 +416,7 @@ class LocalCloud:
                 InstanceStatus(
                     nodes.get(instance_id),
                     instance_id,
-                    network.namespace(self.cluster, instance_id) if self.mode == NETNS else None,
+                    self.host.place(instance_id),
                     len(self._processes(instance_id)),
                     None if control else self._tf_config(instance_id).exists(),
                 )
