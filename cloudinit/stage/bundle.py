@@ -178,7 +178,7 @@ def build_bundle(program_dir: Path, out: Path, limit: int = DEFAULT_LIMIT) -> Bu
             limited = _Limited(raw, limit, str(root))
             # mtime=0 and an empty file name keep the gzip header free of this run.
             with (
-                gzip.GzipFile(filename="", mode="wb", fileobj=limited, mtime=0) as gz,  # type: ignore[arg-type]
+                gzip.GzipFile(filename="", mode="wb", fileobj=limited, mtime=0) as gz,
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
             ):
                 for name, path in walk(root):
