@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import socket
 import struct
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -301,3 +303,26 @@ def test_checksum_file_formats() -> None:
 def test_cache_root_follows_xdg() -> None:
     assert artifacts.cache_root({"XDG_CACHE_HOME": "/x"}) == Path("/x/tfcluster")
     assert artifacts.cache_root({"HOME": "/home/u"}) == Path("/home/u/.cache/tfcluster")
+
+
+def test_oversized_archive_is_refused(site: Site, tmp_path: Path) -> None:
+    publish_coredns(site, "amd64", AMD64)
+    with pytest.raises(artifacts.DownloadFailed, match=r"larger than 100 bytes; not used$"):
+        artifacts.fetch_release(
+            artifacts.coredns_release("amd64", site.url), tmp_path / "cache", 10, max_bytes=100
+        )
+    assert list((tmp_path / "cache" / "releases").iterdir()) == []
+
+
+def test_a_silent_server_is_given_up_on_after_the_timeout(tmp_path: Path) -> None:
+    # The kernel accepts the connection into the backlog; nobody ever answers.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(artifacts.DownloadFailed, match="timed out"):
+            artifacts.fetch_release(
+                artifacts.etcd_release("amd64", url), tmp_path / "cache", timeout=0.5
+            )
+        assert time.monotonic() - start < 5

@@ -135,6 +135,13 @@ def test_link_out_of_the_program_is_refused(tmp_path: Path) -> None:
     program.mkdir()
     (tmp_path / "secret").write_text("x")
     os.symlink("../secret", program / "leak")
-    with pytest.raises(bundle.BundleError, match=r"leak links to \.\./secret, outside"):
+    with pytest.raises(bundle.BundleError, match=r"leak links to \.\./secret, which is not in "):
         bundle.build_bundle(program, tmp_path / "b.tar.gz")
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_bundle_cannot_be_written_into_the_program(tmp_path: Path) -> None:
+    program = make_program(tmp_path / "prog")
+    with pytest.raises(bundle.BundleError, match="cannot be written inside program_dir"):
+        bundle.build_bundle(program, program / "out" / "b.tar.gz")
+    assert not (program / "out").exists()

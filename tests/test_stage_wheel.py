@@ -110,9 +110,12 @@ def test_installed_wheel_is_repacked_and_installs(tmp_path: Path) -> None:
         wheel.repack_installed(tmp_path / "x", search_path=[str(site)])
 
 
-def test_repack_of_nothing_installed_is_one_line(tmp_path: Path) -> None:
+def test_repack_of_nothing_installed_or_an_editable_install_is_refused(tmp_path: Path) -> None:
     with pytest.raises(wheel.WheelError, match=r"^tfcluster is not installed in "):
         wheel.repack_installed(tmp_path, search_path=[str(tmp_path)])
+    # This environment's own tfcluster is the editable install of the checkout.
+    with pytest.raises(wheel.WheelError, match="is an editable install"):
+        wheel.repack_installed(tmp_path)
 
 
 def test_constraints_from_the_checkout_or_the_environment() -> None:

@@ -342,7 +342,10 @@ def _cached(folder: Path, release: Release) -> dict[str, Path] | None:
 
 
 def fetch_release(
-    release: Release, cache_dir: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT
+    release: Release,
+    cache_dir: Path | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT,
+    max_bytes: int = MAX_ARCHIVE_BYTES,
 ) -> dict[str, Path]:
     """The binaries of `release`, from the cache or downloaded, checked and unpacked.
 
@@ -368,7 +371,7 @@ def fetch_release(
                 f"{release.url(release.checksums)} has no entry for {release.archive}; not used"
             )
         archive = work / release.archive
-        got = _download(release.url(release.archive), archive, MAX_ARCHIVE_BYTES, timeout)
+        got = _download(release.url(release.archive), archive, max_bytes, timeout)
         if got != want:
             raise ChecksumMismatch(
                 f"{release.archive}: sha256 {got} does not match {want} from "

@@ -108,7 +108,9 @@ def walk(program_dir: Path, spec: pathspec.PathSpec | None = None) -> Iterator[t
             if path.is_symlink():
                 target = path.resolve()
                 if not target.is_relative_to(resolved_root) or not target.exists():
-                    raise BundleError(f"{path} links to {os.readlink(path)}, outside {root}")
+                    raise BundleError(
+                        f"{path} links to {os.readlink(path)}, which is not in {root}"
+                    )
             yield rel, path
             if is_dir:
                 yield from visit(path, rel + "/")
@@ -170,6 +172,8 @@ def build_bundle(program_dir: Path, out: Path, limit: int = DEFAULT_LIMIT) -> Bu
         what = "is not a folder" if root.exists() else "does not exist"
         raise BundleError(f"program_dir {root} {what}")
     out = Path(out)
+    if out.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"the bundle {out} cannot be written inside program_dir {root}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     entries: list[str] = []

@@ -25,6 +25,7 @@ import configparser
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -217,6 +218,15 @@ def _installed_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[st
         yield name, data
 
 
+def _is_editable(dist: importlib.metadata.Distribution) -> bool:
+    """Whether pip installed `dist` in editable mode (PEP 610 direct_url.json)."""
+    try:
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return False
+    return bool(isinstance(info, dict) and info.get("dir_info", {}).get("editable"))
+
+
 def repack_installed(
     out_dir: Path, dist_name: str = DIST_NAME, search_path: list[str] | None = None
 ) -> Path:
@@ -227,10 +237,21 @@ def repack_installed(
     left out, since pip writes them from entry_points.txt when installing.
     `search_path` looks in those folders instead of sys.path.
     """
-    found = importlib.metadata.distributions(name=dist_name, path=search_path or sys.path)
-    dist = next(iter(found), None)
-    if dist is None:
+    found = list(importlib.metadata.distributions(name=dist_name, path=search_path or sys.path))
+    if not found:
         raise WheelError(f"{dist_name} is not installed in {sys.prefix}")
+    # A checkout on sys.path shows its egg-info as a distribution too; only an
+    # install from a wheel has the RECORD that says which files are its own.
+    dist = next((d for d in found if d.read_text("RECORD") is not None), None)
+    if dist is None:
+        raise WheelError(
+            f"installed {dist_name} has no RECORD to repack from: install it from a checkout "
+            "(pip install -e DIR) so the wheel can be built"
+        )
+    if _is_editable(dist):
+        raise WheelError(
+            f"{dist_name} is an editable install: build the wheel from its checkout instead"
+        )
     name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
     dist_info = f"{name}-{dist.version}.dist-info"
     wheel_name = f"{name}-{dist.version}-{_wheel_tag(dist)}.whl"
