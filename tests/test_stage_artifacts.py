@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import shutil
 import socket
 import struct
+import subprocess
 import tarfile
 import threading
 import time
@@ -326,3 +328,30 @@ def test_a_silent_server_is_given_up_on_after_the_timeout(tmp_path: Path) -> Non
                 artifacts.etcd_release("amd64", url), tmp_path / "cache", timeout=0.5
             )
         assert time.monotonic() - start < 5
+
+
+def test_checksum_files_as_the_upstream_commands_write_them(site: Site, tmp_path: Path) -> None:
+    """SHA256SUMS as etcd's release.sh writes it, .sha256 as CoreDNS's release workflow does."""
+    for tool in ("shasum", "sha256sum"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    publish_etcd(site, "amd64", AMD64)
+    publish_coredns(site, "amd64", AMD64)
+    etcd_dir, core_dir = site.release_dir(EV), site.release_dir(CV)
+    etcd_archive = f"etcd-v{EV}-linux-amd64.tar.gz"
+    core_archive = f"coredns_{CV}_linux_amd64.tgz"
+    # etcd: ls . | grep -E '\.tar.gz$|\.zip$' | xargs shasum -a 256 > ./SHA256SUMS
+    (etcd_dir / "SHA256SUMS").write_bytes(
+        subprocess.run(["shasum", "-a", "256", etcd_archive], cwd=etcd_dir,
+                       check=True, capture_output=True, timeout=30).stdout
+    )  # fmt: skip
+    # CoreDNS: sha256sum $asset > $asset.sha256
+    (core_dir / f"{core_archive}.sha256").write_bytes(
+        subprocess.run(["sha256sum", core_archive], cwd=core_dir,
+                       check=True, capture_output=True, timeout=30).stdout
+    )  # fmt: skip
+    got = artifacts.instance_binaries(
+        "amd64", path_env="", download=True, cache_dir=tmp_path / "cache",
+        etcd_url=site.url, coredns_url=site.url, timeout=10,
+    )  # fmt: skip
+    assert sorted(got) == ["coredns", "etcd", "etcdctl"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -145,3 +147,21 @@ def test_bundle_cannot_be_written_into_the_program(tmp_path: Path) -> None:
     with pytest.raises(bundle.BundleError, match="cannot be written inside program_dir"):
         bundle.build_bundle(program, program / "out" / "b.tar.gz")
     assert not (program / "out").exists()
+
+
+def test_gnu_tar_unpacks_it_as_an_instance_would(tmp_path: Path) -> None:
+    if shutil.which("tar") is None:
+        pytest.skip("tar is not installed")
+    program = make_program(tmp_path / "prog")
+    built = bundle.build_bundle(program, tmp_path / "b.tar.gz")
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(
+        ["tar", "--no-same-owner", "-xzf", str(built.path), "-C", str(work)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    unpacked = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
+    assert unpacked == sorted(built.entries)
+    assert (work / "train.py").read_text() == "print('train')\n"
+    assert os.access(work / "run.sh", os.X_OK)
+    assert (work / "model_link.py").read_text() == "x = 1\n"
