@@ -119,7 +119,13 @@ def test_search_order_and_refusals_name_what_is_missing(tmp_path: Path) -> None:
     assert f"{on_path / 'etcdctl'} is for arm64, not amd64" in message
     assert f"{on_path / 'coredns'} is not executable" in message
     assert f"in {explicit}, {on_path}:" in message
-    assert "make setup" in message
+    assert message.endswith(
+        ": run 'make setup' (needs Go) or let tfcluster download the pinned releases"
+    )
+    with pytest.raises(
+        artifacts.BinaryNotFound, match="run 'TFCLUSTER_GOARCH=arm64 scripts/install-tools'"
+    ):
+        artifacts.instance_binaries("arm64", binary_dir=explicit, path_env="")
     found, rejected = artifacts.find_local("amd64", [explicit, on_path], ["etcd"])
     assert found == {"etcd": on_path / "etcd"} and not rejected
     assert "dynamically linked" in artifacts.find_local("amd64", [explicit], ["etcd"])[1]["etcd"][0]

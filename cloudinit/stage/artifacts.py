@@ -190,11 +190,12 @@ def _not_found_message(arch: str, dirs: list[Path], rejected: Mapping[str, list[
     """One line: the missing names, why near-misses were refused, where we looked, the fixes."""
     reasons = [r for rs in rejected.values() for r in rs]
     shown = ", ".join(str(d) for d in dirs[:4]) + (", ..." if len(dirs) > 4 else "")
+    build = "make setup" if arch == "amd64" else f"TFCLUSTER_GOARCH={arch} scripts/install-tools"
     return (
         f"no static linux/{arch} {', '.join(rejected)} found"
         + (f" ({'; '.join(reasons)})" if reasons else "")
-        + f" in {shown or 'no folder'}: run 'make setup' (needs Go; TFCLUSTER_GOARCH={arch}"
-        " for another architecture) or let tfcluster download the pinned releases"
+        + f" in {shown or 'no folder'}: run '{build}' (needs Go)"
+        " or let tfcluster download the pinned releases"
     )
 
 
