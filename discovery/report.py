@@ -14,6 +14,11 @@ barrier progress (members seen, expected, who is missing); the TensorFlow
 process (server up, or the program's exit code); the agent's exit; the last
 lines of its log (at most ``LOG_LINES`` lines and ``LOG_BYTES`` bytes).
 
+States are the agent's own names (discovery/agent.py: IDENTIFY, CLAIM,
+BARRIER, CONFIGURE, SERVE, STOP); a reporter starts in ``STARTING``. The
+operator's ``status`` counts an agent as claimed once it has been in BARRIER,
+CONFIGURE or SERVE, and past its barrier once in CONFIGURE or SERVE.
+
 When it is written: on every state change and as a heartbeat every
 ``heartbeat`` seconds (15 by default), never more than once a second
 (``MIN_INTERVAL``). Changes that arrive faster are coalesced: the latest
@@ -48,6 +53,7 @@ import base64
 import binascii
 import calendar
 import copy
+import http.client
 import json
 import logging
 import re
@@ -218,8 +224,9 @@ def post_object(target: PostTarget, key: str, body: bytes, timeout: float) -> No
         raise ReportWriteError(f"HTTP {exc.code} {detail}".strip()) from None
     except urllib.error.URLError as exc:
         raise ReportWriteError(f"cannot reach {target.url}: {exc.reason}") from None
-    except (OSError, ValueError) as exc:  # timeouts, resets, a bad URL
-        raise ReportWriteError(f"upload to {target.url} failed: {exc}") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # timeouts, resets, a garbled or cut-off answer, a bad URL
+        raise ReportWriteError(f"upload to {target.url} failed: {exc!r}") from None
 
 
 class LogTail(logging.Handler):
@@ -350,6 +357,7 @@ class Reporter:
     the document under ``_cond``'s lock, which the writer thread releases
     before each upload, and notifies the thread. With ``target`` None the
     document is kept (``snapshot``) but nothing is written and no thread runs.
+    A ``pacer`` passed in brings its own heartbeat (``heartbeat`` is then unused).
     """
 
     def __init__(

@@ -113,6 +113,25 @@ def test_a_client_that_does_not_sign_with_sigv4_is_refused(moto, bucket):
         policy.sign_post(s3_client(moto.url, signature="s3"), bucket, "reports/ps0/")
 
 
+def test_a_global_bucket_url_for_another_region_is_refused():
+    """A new bucket outside us-east-1 answers its global name with a 307, which
+    a POST does not follow. Signing is local: these clients send nothing."""
+
+    def client(config: Config) -> Any:
+        return boto3.client(
+            "s3",
+            region_name="eu-west-1",
+            aws_access_key_id="AKIAIOSFODNN7EXAMPLE",
+            aws_secret_access_key="testing",
+            config=config,
+        )
+
+    with pytest.raises(ValueError, match="global name"):
+        policy.sign_post(client(Config(signature_version="s3v4")), "tfc-demo", "reports/ps0/")
+    post = policy.sign_post(client(policy.SIGNING_CONFIG), "tfc-demo", "reports/ps0/")
+    assert post.url == "https://tfc-demo.s3.eu-west-1.amazonaws.com/"
+
+
 def test_empty_prefix_and_bad_sizes_are_refused(s3, bucket):
     with pytest.raises(ValueError, match="whole bucket"):
         policy.sign_post(s3, bucket, "")

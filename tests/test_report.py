@@ -24,7 +24,7 @@ import pytest
 from botocore.config import Config
 
 from controlled_moto import ControlledMoto
-from tfcluster.cloudinit.observe.policy import allows, policy_terms, sign_post
+from tfcluster.cloudinit.observe.policy import SIGNING_CONFIG, allows, policy_terms, sign_post
 from tfcluster.discovery.agent_config import ConfigError, dump_agent_config, parse_agent_config
 from tfcluster.discovery.records import Member
 from tfcluster.discovery.report import (
@@ -191,40 +191,57 @@ def test_when_stopping_retries_ignore_backoff_but_keep_the_second():
     assert pacer.next_write() == 7.0
 
 
-def test_traffic_per_agent_hour():
-    """The figure for the note: one agent at the default heartbeat, with the
-    state changes of a normal start (six within the first minute)."""
-    pacer = Pacer()
-    starts = drive(pacer, until=3600 - 0.01, changes=[0.1, 0.5, 2.0, 20.0, 20.2, 25.0])
-    assert 240 <= len(starts) <= 246
-    host = "tfc-example-reports.s3.eu-west-1.amazonaws.com"
-    fields = {
-        "key": "reports/worker12/${filename}",
-        "x-amz-algorithm": "AWS4-HMAC-SHA256",
-        "x-amz-credential": "AKIAIOSFODNN7EXAMPLE/20261203/eu-west-1/s3/aws4_request",
-        "x-amz-date": "20261203T080000Z",
-        "policy": "p" * 520,  # the base64 policy boto3 signs here: 500-540 characters
-        "x-amz-signature": "f" * 64,
-    }
-    reporter = Reporter(None, "worker12")
-    for i in range(LOG_LINES * 2):
-        reporter.log_line(f"2026-12-03 08:00:{i % 60:02d},123 INFO tfcluster.agent: step {i} " * 2)
+def request_bytes(post: PostTarget, label: str, lines: int, width: int) -> tuple[int, int]:
+    """(report size, HTTP request size) of one write with ``lines`` log lines of ``width``."""
+    reporter = Reporter(None, label)
+    reporter.identity("i-0123456789abcdef0", "10.0.1.12", f"{label}.tensorflow.local")
+    reporter.state("SERVE")
+    reporter.tensorflow(program=False, running=True, pid=4242)
+    for i in range(lines):
+        reporter.log_line(
+            f"2026-12-03 08:00:00,123 INFO tfcluster.agent: {i:04d} ".ljust(width, "x")
+        )
     doc = reporter.snapshot()
-    doc.update(seq=240, time=1e9)
-    full = json.dumps(doc, separators=(",", ":")).encode()
-    body, content_type = encode_post(fields, "reports/worker12/report.json", full)
-    headers = len(  # what urllib sends before the body
+    doc.update(seq=240, time=1.8e9)
+    report = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    body, content_type = encode_post(post.fields, report_key(label), report)
+    host = post.url.split("/")[2]
+    headers = (  # what urllib sends before the body
         f"POST / HTTP/1.1\r\nAccept-Encoding: identity\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nHost: {host}\r\nUser-Agent: Python-urllib/3.11\r\n"
         "Connection: close\r\n\r\n"
     )
-    response = 350  # S3's 204: request ids, ETag, Location, Date, Server
-    per_write = len(body) + headers + response
-    print(
-        f"\nreport traffic per agent-hour at 15 s: {len(starts)} POSTs, report {len(full)} B, "
-        f"request {len(body) + headers} B, ~{len(starts) * per_write / 1024:.0f} KiB/h"
+    return len(report), len(body) + len(headers)
+
+
+def test_traffic_per_agent_hour():
+    """The figures for the note: one agent at the default heartbeat with the
+    state changes of a normal start (six in its first minute). The POST is
+    signed as ``up`` would sign it for a real bucket (signing is local)."""
+    starts = drive(Pacer(), until=3600 - 0.01, changes=[0.1, 0.5, 2.0, 20.0, 20.2, 25.0])
+    assert 240 <= len(starts) <= 246
+    s3 = boto3.client(
+        "s3",
+        region_name="eu-west-1",
+        aws_access_key_id="AKIAIOSFODNN7EXAMPLE",
+        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        config=SIGNING_CONFIG,
     )
-    assert len(full) <= 16 * 1024 and len(body) < 12 * 1024
+    signed = sign_post(s3, "tfc-demo-123456789012-eu-west-1", "reports/worker12/")
+    assert signed.url == "https://tfc-demo-123456789012-eu-west-1.s3.eu-west-1.amazonaws.com/"
+    post = PostTarget(signed.url, signed.fields)
+    response = 350  # S3's 204 answer: status line, request ids, ETag, Location, Date, Server
+    figures = []
+    for case, lines, width in (("quiet", 10, 80), ("full tail", LOG_LINES, 200)):
+        report, request = request_bytes(post, "worker12", lines, width)
+        per_hour = len(starts) * (request + response)
+        figures.append(
+            f"{case}: report {report} B, request {request} B, "
+            f"{len(starts)} POSTs = {per_hour / 1024:.0f} KiB/h up+down"
+        )
+        assert report <= 16 * 1024  # within the policy's content-length-range
+        assert request < 12 * 1024
+    print("\nreport traffic per agent-hour at 15 s: " + "; ".join(figures))
 
 
 # -- the log tail --------------------------------------------------------------------

@@ -19,9 +19,13 @@ the reports are needed. For jobs longer than 7 days the AWS way is an
 instance profile whose role may only ``s3:PutObject`` on the bucket's
 ``reports/*`` and ``output/*``: not built here.
 
-A presigned POST for another region's bucket: sign with a client of the
-bucket's region, so the URL names the regional endpoint (the agent does not
-follow redirects of a POST).
+The URL. By default botocore signs a POST for the global name
+``<bucket>.s3.amazonaws.com``; for a bucket outside us-east-1 that S3 created
+minutes ago, that name answers 307 (for up to a day), and the agent does not
+follow a redirected POST. Sign with a client of the bucket's region made with
+``SIGNING_CONFIG`` (SigV4, virtual-hosted): the URL is then
+``<bucket>.s3.<region>.amazonaws.com``. ``sign_post`` refuses a global URL for
+another region. (Tests against moto use path-style URLs on 127.0.0.1.)
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
+
+from botocore.config import Config
 
 from tfcluster.discovery.records import ROLES, parse_label
 from tfcluster.discovery.report import (
@@ -42,6 +49,8 @@ from tfcluster.discovery.report import (
 
 SIGV4_MAX_EXPIRY = 7 * 24 * 3600
 """Seconds: the longest validity SigV4 allows a presigned request."""
+SIGNING_CONFIG = Config(signature_version="s3v4", s3={"addressing_style": "virtual"})
+"""For the S3 client that signs against AWS: SigV4 and the regional bucket URL."""
 REPORT_SIZE = (1, DEFAULT_MAX_BYTES)
 """content-length-range for reports: non-empty, at most 16 KiB (what the agent fits into)."""
 
@@ -115,6 +124,13 @@ def sign_post(
         raise ValueError(
             "the S3 client does not sign with SigV4: create it with "
             "botocore.config.Config(signature_version='s3v4')"
+        )
+    host = urlsplit(post["url"]).hostname or ""
+    region = s3.meta.region_name
+    if host.endswith(".s3.amazonaws.com") and region not in (None, "us-east-1"):
+        raise ValueError(
+            f"the POST URL {post['url']} is S3's global name; a new bucket in {region} "
+            "answers it with a redirect: sign with a client made with SIGNING_CONFIG"
         )
     terms = policy_terms(fields)
     return SignedPost(post["url"], fields, prefix, terms.expiration, seconds < expires_in)
