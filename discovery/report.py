@@ -323,9 +323,9 @@ class Pacer:
             due = self.retry_at
         elif self.pending():
             due = earliest
-        else:
-            assert self.last_good is not None  # nothing pending: a write has succeeded
-            due = self.last_good + self.heartbeat
+        else:  # nothing pending: the last write succeeded
+            last = self.last_good if self.last_good is not None else self.last_start
+            due = (last or 0.0) + self.heartbeat
         return max(due, earliest)
 
     def begin(self, now: float) -> None:
@@ -340,8 +340,7 @@ class Pacer:
             self.last_good = self.last_start
             return
         self.failures += 1
-        delay = min(self.backoff_first * 2 ** (self.failures - 1), self.backoff_max)
-        self.retry_at = now + delay
+        self.retry_at = now + self.backoff()
 
     def backoff(self) -> float:
         """Seconds the next retry waits after the current number of failures."""
@@ -357,7 +356,9 @@ class Reporter:
     the document under ``_cond``'s lock, which the writer thread releases
     before each upload, and notifies the thread. With ``target`` None the
     document is kept (``snapshot``) but nothing is written and no thread runs.
-    A ``pacer`` passed in brings its own heartbeat (``heartbeat`` is then unused).
+    A ``pacer`` passed in brings its own heartbeat (``heartbeat`` is then unused);
+    ``wall`` is the clock reports are stamped with and the policy's expiry is
+    checked against.
     """
 
     def __init__(
@@ -556,19 +557,19 @@ class Reporter:
         return doc
 
     def _run(self) -> None:
-        assert self.target is not None
+        target = self.target
         try:
             while True:
                 with self._cond:
                     doc = self._next()
-                if doc is None:
+                if doc is None or target is None:
                     return
                 if isinstance(doc, str):
                     log.warning("report policy for %s expired; no more reports", self.key)
                     continue
                 seq, error, recovered, retry = doc["seq"], None, None, 0.0
                 try:
-                    post_object(self.target, self.key, self._encode(doc), self.timeout)
+                    post_object(target, self.key, self._encode(doc), self.timeout)
                 except ReportWriteError as exc:
                     error = str(exc)
                 with self._cond:
