@@ -162,6 +162,14 @@ class PostTarget:
         except ValueError:
             return None
 
+    def key_prefix(self) -> str | None:
+        """The prefix the policy's ``starts-with $key`` condition allows, if any."""
+        document = self.policy() or {}
+        for condition in document.get("conditions", ()):
+            if isinstance(condition, list) and condition[:2] == ["starts-with", "$key"]:
+                return str(condition[2]) if len(condition) > 2 else None
+        return None
+
     def max_bytes(self) -> int | None:
         """The upper bound of the policy's ``content-length-range``, if any."""
         document = self.policy() or {}
@@ -418,6 +426,13 @@ class Reporter:
         """Start the writer thread (a no-op without a target)."""
         if self.target is None or self._thread is not None:
             return
+        prefix = self.target.key_prefix()
+        if prefix is not None and not self.key.startswith(prefix):
+            log.error(
+                "the report policy allows keys under %s only, not %s: S3 will refuse the reports",
+                prefix,
+                self.key,
+            )
         self._thread = threading.Thread(target=self._run, name=f"report-{self.label}", daemon=True)
         self._thread.start()
 

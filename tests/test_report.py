@@ -328,6 +328,21 @@ def test_reports_arrive_under_the_agents_prefix(moto, bucket, reporters):
     assert all(allows(terms, o["Key"], o["Size"], now) for o in objects)
 
 
+def test_a_policy_for_another_agent_is_named_at_start(moto, bucket, reporters, caplog):
+    """moto would take the write; S3 would refuse it. The agent says so at once."""
+    reporter = Reporter(target(moto.url, bucket, "worker0"), "worker1", heartbeat=3600)
+    reporters.append(reporter)
+    with caplog.at_level(logging.ERROR, logger="tfcluster.discovery.report"):
+        reporter.start()
+    assert "allows keys under reports/worker0/ only, not reports/worker1/report.json" in caplog.text
+    own = Reporter(target(moto.url, bucket, "worker2"), "worker2", heartbeat=3600)
+    reporters.append(own)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="tfcluster.discovery.report"):
+        own.start()
+    assert "allows keys" not in caplog.text
+
+
 def test_a_report_is_cut_to_the_policys_size_limit(moto, bucket, reporters):
     post = target(moto.url, bucket, "ps0", size=(1, 2048))
     reporter = Reporter(post, "ps0", heartbeat=3600)
