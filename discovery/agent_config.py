@@ -25,7 +25,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tfcluster.discovery.records import ROLES, Member
+from tfcluster.discovery.records import ROLES, Member, parse_label
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ADDRESS_MODES = ("names", "ips")
@@ -156,6 +156,66 @@ def _argv(key: str, value: Any, _: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+@dataclass(frozen=True)
+class ReportPost:
+    """Where the agent writes its reports: a presigned S3 POST (discovery/report.py).
+
+    ``url`` is the bucket's POST URL; ``fields`` holds the signed form fields
+    per agent label (``worker0``) or per role (``worker``), as boto3's
+    ``generate_presigned_post`` returns them. An agent uses its label's entry,
+    else its role's: the operator can sign one policy per agent (per-agent
+    prefixes; the right shape when each instance gets its own user-data) or
+    one per role (one user-data per role launch stays small).
+    """
+
+    url: str
+    fields: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+    def fields_for(self, member: Member) -> dict[str, str] | None:
+        """The form fields ``member`` signs its writes with, or None."""
+        by_name = dict(self.fields)
+        found = by_name.get(member.label, by_name.get(member.role))
+        return None if found is None else dict(found)
+
+
+def _report_post(key: str, value: Any, read: Mapping[str, Any]) -> ReportPost | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"url", "fields"}:
+        raise ConfigError(f"{key}: must be an object with 'url' and 'fields', or null")
+    url = value["url"]
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise ConfigError(f"{key}.url: must be an http(s) URL, got {url!r}")
+    posts = value["fields"]
+    if not isinstance(posts, dict) or not posts:
+        raise ConfigError(f"{key}.fields: must map agent labels or roles to form fields")
+    counts = dict(read["roles"])
+    entries = []
+    for name, form in posts.items():
+        member = parse_label(name)
+        known = counts.get(name, 0) > 0 or (
+            member is not None and member.index < counts.get(member.role, 0)
+        )
+        if not known:
+            raise ConfigError(f"{key}.fields: {name!r} is no agent label or role of this cluster")
+        if (
+            not isinstance(form, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in form.items())
+            or not {"key", "policy"} <= set(form)
+        ):
+            raise ConfigError(
+                f"{key}.fields.{name}: must be an object of strings with 'key' and 'policy'"
+            )
+        entries.append((name, tuple(sorted(form.items()))))
+    return ReportPost(url, tuple(sorted(entries)))
+
+
+def _write_report_post(value: ReportPost | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return {"url": value.url, "fields": {name: dict(form) for name, form in value.fields}}
+
+
 def _write_seconds(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
@@ -201,6 +261,12 @@ class AgentConfig:
     barrier_timeout: float = field(
         default=600.0, metadata=_key(_seconds, _write_seconds, quiet=True)
     )
+    report_post: ReportPost | None = field(
+        default=None, metadata=_key(_report_post, _write_report_post, quiet=True)
+    )
+    """The presigned POST for the agent's reports; None: the agent writes none."""
+    report_heartbeat: int = field(default=15, metadata=_key(_int_in(1, 3600), quiet=True))
+    """Seconds between reports while nothing changes (never more than one a second)."""
 
     def count(self, role: str) -> int:
         return dict(self.roles).get(role, 0)

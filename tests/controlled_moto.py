@@ -9,6 +9,13 @@ moto plays the EC2 API; this wraps its WSGI app so that a test can
 * answer an action with an EC2 error a number of times (``fail``), for what
   moto cannot produce by itself (throttling, a group still in use).
 
+S3 calls (path-style, as boto3 with an endpoint URL and the agents' presigned
+POSTs send them) are named by ``s3_action`` (``PostObject``, ``GetObject``,
+``ListObjectsV2`` ...), with ``Bucket`` and ``Key`` as their parameters, so the
+same controls hold and fail them; a failure answers with S3's error document.
+``reserve`` binds the server's address before ``start``: until then every
+connection to ``url`` is refused, as by a bucket endpoint that cannot be reached.
+
 The server is a real HTTP server on 127.0.0.1 and the code under test talks
 to it through ``--endpoint-url`` from its own process. It serves one call at
 a time: moto's handlers are not atomic under concurrent requests (two
@@ -18,6 +25,8 @@ CreateKeyPair of one name can both succeed), where EC2's are.
 from __future__ import annotations
 
 import io
+import re
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +49,10 @@ HOLD_TIMEOUT = 120.0
 ERROR_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
     "<Message>{message}</Message></Error></Errors><RequestID>injected</RequestID></Response>"
+)
+S3_ERROR_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+    "<Message>{message}</Message><RequestId>injected</RequestId></Error>"
 )
 
 
@@ -77,6 +90,36 @@ def tag_value(params: Params, key: str) -> str | None:
     return None
 
 
+def s3_action(environ: dict[str, Any], body: bytes) -> tuple[str, Params]:
+    """The S3 operation of a path-style request and its Bucket and Key; ("", {})
+    for anything else. Coarse: sub-resources (``?tagging`` ...) are not told apart."""
+    path = environ.get("PATH_INFO", "/")
+    if path.startswith("/moto-api"):
+        return "", {}
+    method = environ.get("REQUEST_METHOD", "GET")
+    bucket, _, key = path.lstrip("/").partition("/")
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    if not bucket:
+        return ("ListBuckets", {}) if method == "GET" else ("", {})
+    params = {"Bucket": bucket}
+    if key:
+        params["Key"] = key
+        names = {"GET": "GetObject", "PUT": "PutObject", "DELETE": "DeleteObject"}
+        return names.get(method, method.capitalize() + "Object"), params
+    content_type = environ.get("CONTENT_TYPE", "")
+    if method == "POST" and content_type.startswith("multipart/form-data"):
+        field = re.search(rb'name="key"\r\n\r\n([^\r]*)\r\n', body)
+        if field:
+            params["Key"] = field.group(1).decode(errors="replace")
+        return "PostObject", params
+    if method == "POST" and "delete" in query:
+        return "DeleteObjects", params
+    if method == "GET":
+        return ("ListObjectsV2" if query.get("list-type") == ["2"] else "ListObjects"), params
+    names = {"PUT": "CreateBucket", "DELETE": "DeleteBucket", "HEAD": "HeadBucket"}
+    return names.get(method, method.capitalize() + "Bucket"), params
+
+
 class ControlledMoto:
     """The WSGI middleware around moto, and the server that runs it."""
 
@@ -90,6 +133,7 @@ class ControlledMoto:
         self._serial = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._reserved: socket.socket | None = None
         self.url = ""
 
     # -- test controls ----------------------------------------------------------
@@ -108,7 +152,8 @@ class ControlledMoto:
         return hold
 
     def fail(self, action: str, code: str, *, times: int = 1, status: int = 400) -> None:
-        """Answer the next ``times`` calls of ``action`` with the EC2 error ``code``."""
+        """Answer the next ``times`` calls of ``action`` with the error ``code``
+        (EC2's error document, or S3's for an S3 action)."""
         with self._lock:
             self._failures.append(Failure(action, code, times, status))
 
@@ -134,6 +179,10 @@ class ControlledMoto:
         environ["wsgi.input"] = io.BytesIO(body)
         params = {k: v[0] for k, v in parse_qs(body.decode(errors="replace")).items()}
         action = params.get("Action", "")
+        s3 = False
+        if not action:
+            action, params = s3_action(environ, body)
+            s3 = bool(action)
         with self._lock:
             if action:
                 self.calls[action] += 1
@@ -145,7 +194,8 @@ class ControlledMoto:
             if hold is not None:
                 self._holds.remove(hold)
         if failure is not None:
-            text = ERROR_BODY.format(code=failure.code, message="injected by the test")
+            template = S3_ERROR_BODY if s3 else ERROR_BODY
+            text = template.format(code=failure.code, message="injected by the test")
             start_response(f"{failure.status} Error", [("Content-Type", "text/xml")])
             return [text.encode()]
         if hold is not None and hold.before:
@@ -167,10 +217,30 @@ class ControlledMoto:
 
     # -- server -------------------------------------------------------------------
 
+    def reserve(self) -> str:
+        """Take a loopback port now and serve on it from ``start`` on; until then
+        connections to the returned URL are refused (bound, not listening)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self._reserved = sock
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
     def start(self) -> str:
-        self._server = make_server(
-            "127.0.0.1", 0, self, threaded=True, request_handler=MotoRequestHandler
-        )
+        sock, self._reserved = self._reserved, None
+        if sock is None:
+            self._server = make_server(
+                "127.0.0.1", 0, self, threaded=True, request_handler=MotoRequestHandler
+            )
+        else:
+            sock.listen(64)
+            host, port = sock.getsockname()[:2]
+            self._server = make_server(
+                host, port, self, threaded=True, request_handler=MotoRequestHandler,
+                fd=sock.fileno(),
+            )  # fmt: skip
+            sock.close()  # the server holds its own duplicate of the socket
         host, port = self._server.server_address[:2]
         self.url = f"http://{host}:{port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -185,6 +255,9 @@ class ControlledMoto:
 
     def stop(self) -> None:
         self.clear()
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         if self._server is not None:
             self._server.shutdown()
         if self._thread is not None:
