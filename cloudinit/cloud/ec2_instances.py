@@ -53,43 +53,43 @@ def run_instances_params(
         raise LaunchFailed(
             f"user-data for {role} is {len(user_data)} bytes; EC2 accepts {USER_DATA_LIMIT}"
         )
-        tags = {TAG_CLUSTER: cluster, TAG_ROLE: role}
-        if zone is not None:
-            tags[TAG_ZONE] = zone
-        if index is not None:
-            tags[TAG_INDEX] = str(index)
-        if spec.expires is not None:
-            tags[TAG_EXPIRES] = iso(spec.expires)
-        tags["Name"] = f"{cluster}-{role}" if index is None else f"{cluster}-{role}{index}"
-        params: dict[str, Any] = {
-            "ImageId": spec.image_id,
-            "InstanceType": spec.instance_type,
-            # MinCount == MaxCount: all of the role's tasks start, or none does.
-            "MinCount": count,
-            "MaxCount": count,
-            "UserData": user_data,
-            "SecurityGroupIds": [spec.security_group_id],
-            "MetadataOptions": METADATA_OPTIONS,
-            # A node that powers itself off is gone, not a stopped leftover.
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "TagSpecifications": [
-                {"ResourceType": "instance", "Tags": tag_list(tags)},
-                {"ResourceType": "volume", "Tags": tag_list({TAG_CLUSTER: cluster})},
-            ],
+    tags = {TAG_CLUSTER: cluster, TAG_ROLE: role}
+    if zone is not None:
+        tags[TAG_ZONE] = zone
+    if index is not None:
+        tags[TAG_INDEX] = str(index)
+    if spec.expires is not None:
+        tags[TAG_EXPIRES] = iso(spec.expires)
+    tags["Name"] = f"{cluster}-{role}" if index is None else f"{cluster}-{role}{index}"
+    params: dict[str, Any] = {
+        "ImageId": spec.image_id,
+        "InstanceType": spec.instance_type,
+        # MinCount == MaxCount: all of the role's tasks start, or none does.
+        "MinCount": count,
+        "MaxCount": count,
+        "UserData": user_data,
+        "SecurityGroupIds": [spec.security_group_id],
+        "MetadataOptions": METADATA_OPTIONS,
+        # A node that powers itself off is gone, not a stopped leftover.
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": tag_list(tags)},
+            {"ResourceType": "volume", "Tags": tag_list({TAG_CLUSTER: cluster})},
+        ],
+    }
+    if spec.subnet_id is not None:
+        params["SubnetId"] = spec.subnet_id
+    if spec.key_name is not None:
+        params["KeyName"] = spec.key_name
+    if spec.spot:
+        # One-time requests close once fulfilled: nothing outlives the instances.
+        params["InstanceMarketOptions"] = {
+            "MarketType": "spot",
+            "SpotOptions": {
+                "SpotInstanceType": "one-time",
+                "InstanceInterruptionBehavior": "terminate",
+            },
         }
-        if spec.subnet_id is not None:
-            params["SubnetId"] = spec.subnet_id
-        if spec.key_name is not None:
-            params["KeyName"] = spec.key_name
-        if spec.spot:
-            # One-time requests close once fulfilled: nothing outlives the instances.
-            params["InstanceMarketOptions"] = {
-                "MarketType": "spot",
-                "SpotOptions": {
-                    "SpotInstanceType": "one-time",
-                    "InstanceInterruptionBehavior": "terminate",
-                },
-            }
     return params
 
 
