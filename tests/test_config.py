@@ -85,12 +85,12 @@ def test_external_etcd_needs_no_etcd_artifact():
         None,
         {
             "cluster": "c1",
-            "etcd": ["http://10.0.0.5:2379", "https://etcd.example:2379/"],
+            "etcd": ["http://10.0.0.5:2379", "http://etcd.example:2379/"],
             "artifacts.coredns.sha256": SHA_A,
         },
     )
     assert not config.control_node
-    assert config.etcd_endpoints == ("http://10.0.0.5:2379", "https://etcd.example:2379")
+    assert config.etcd_endpoints == ("http://10.0.0.5:2379", "http://etcd.example:2379")
     assert set(config.artifacts) == {"coredns"}
 
 
@@ -300,8 +300,8 @@ def test_etcd_endpoints_are_parsed(url):
 
 
 def test_etcd_endpoints_are_normalised():
-    config = load(etcd=["http://[::1]:2379/", "https://Etcd.Example.internal:2379"])
-    assert config.etcd_endpoints == ("http://[::1]:2379", "https://etcd.example.internal:2379")
+    config = load(etcd=["http://[::1]:2379/", "http://Etcd.Example.internal:2379"])
+    assert config.etcd_endpoints == ("http://[::1]:2379", "http://etcd.example.internal:2379")
 
 
 @pytest.mark.parametrize(

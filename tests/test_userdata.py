@@ -212,9 +212,9 @@ def test_impossible_requests_are_render_errors(config_overrides, role, kwargs, m
 
 
 def test_external_etcd_endpoints_come_from_the_config():
-    config = make_config(etcd=["https://etcd.internal:2379"])
+    config = make_config(etcd=["http://etcd.internal:2379"])
     agent = json.loads(embedded_files(script_of(config, "worker"))["/etc/tfcluster/agent.json"])
-    assert agent["etcd_endpoints"] == ["https://etcd.internal:2379"]
+    assert agent["etcd_endpoints"] == ["http://etcd.internal:2379"]
 
 
 def test_control_endpoint_formats_the_private_address():
