@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+import boto3
 import requests
+from botocore.config import Config
 from moto.moto_server.werkzeug_app import (
     DomainDispatcherApplication,
     MotoRequestHandler,
@@ -272,3 +274,15 @@ def running() -> Iterator[ControlledMoto]:
         yield server
     finally:
         server.stop()
+
+
+def s3_client(url: str, signature: str = "s3v4") -> Any:
+    """An S3 client for ``url`` with fake credentials and no retries (tests see each call)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(signature_version=signature, retries={"max_attempts": 1}),
+    )

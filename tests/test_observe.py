@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from controlled_moto import ControlledMoto
+from controlled_moto import ControlledMoto, running, s3_client
 from tfcluster.cloudinit.observe import policy, status
 from tfcluster.cloudinit.observe.status import AgentReport, StatusRow
 from tfcluster.discovery.agent_config import parse_agent_config
@@ -25,25 +25,9 @@ from tfcluster.discovery.waiting import wait_for
 NOW = datetime(2026, 12, 3, 8, 0, 0, tzinfo=timezone.utc)
 
 
-def s3_client(url: str, signature: str = "s3v4") -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(signature_version=signature, retries={"max_attempts": 1}),
-    )
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[ControlledMoto]:
-    server = ControlledMoto()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running()
 
 
 @pytest.fixture

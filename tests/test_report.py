@@ -21,9 +21,8 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.config import Config
 
-from controlled_moto import ControlledMoto
+from controlled_moto import ControlledMoto, running, s3_client
 from tfcluster.cloudinit.observe.policy import SIGNING_CONFIG, allows, policy_terms, sign_post
 from tfcluster.discovery.agent_config import ConfigError, dump_agent_config, parse_agent_config
 from tfcluster.discovery.records import Member
@@ -47,25 +46,9 @@ FAST = {"backoff_first": 1.0, "backoff_max": 1.0}
 # -- fixtures ------------------------------------------------------------------------
 
 
-def s3_client(url: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(signature_version="s3v4", retries={"max_attempts": 1}),
-    )
-
-
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[ControlledMoto]:
-    server = ControlledMoto()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running()
 
 
 @pytest.fixture
