@@ -288,7 +288,8 @@ def test_bad_options_fail_before_anything_starts() -> None:
     )
     assert result.exit_code == 2
     assert (
-        result.output.strip().splitlines()[-1] == "Error: workers: must be an integer >= 1, got 0"
+        result.output.strip().splitlines()[-1]
+        == "Error: workers: must be an integer >= 1 and <= 1000, got 0"
     )
     assert motoserver.endpoint(cloud.moto_dir) is None
     assert not cloud.folder.exists()
