@@ -2,116 +2,40 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 
-from tfcluster.cloudinit import plan, provision
-from tfcluster.cloudinit.checks import cluster_name
+from tfcluster.cloudinit import provision, terminal
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
-from tfcluster.cloudinit.cloud.provider import InvalidEndpoint, Node, ProviderError
 from tfcluster.cloudinit.config import (
     INSTANCE_ROLES,
-    ClusterConfig,
-    ConfigError,
-    config_warnings,
-    load_cluster_config,
     parse_overrides,
 )
 from tfcluster.cloudinit.render.userdata import RenderError, render_parts, render_user_data
+from tfcluster.cloudinit.terminal import (
+    cluster_option,
+    confirm_launch,
+    load_config,
+    local_cluster,
+    one_line_errors,
+    print_nodes,
+    progress,
+    sigterm_interrupts,
+    table,
+    time_left,
+)
 from tfcluster.discovery.cli import main as main  # the tfcluster group; these load lazily
 
-EXIT_PROVIDER = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
+def commands() -> Any:
+    """The local cloud's command bodies, imported only for --local."""
+    from tfcluster.cloudinit.localcloud import commands as local_commands
 
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Known failures end the command with ``Error: ...`` and an exit code, no traceback:
-    2 for bad input (fix the config, an option or the endpoint URL), 1 for the cloud
-    (look at the account or retry), 130 for an interruption outside ``up``'s rollback."""
-    try:
-        yield
-    except (ConfigError, InvalidEndpoint) as exc:
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
-    except ProviderError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(EXIT_PROVIDER) from None
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-
-
-def _load(path: Path | None, overrides: dict[str, Any]) -> ClusterConfig:
-    """The validated config; what it allows but is probably a mistake goes to stderr."""
-    config = load_cluster_config(path, overrides)
-    for warning in config_warnings(config):
-        click.echo(f"warning: {warning}", err=True)
-    return config
-
-
-def _cluster_name(name: str) -> str:
-    """The --cluster value, held to the config's rule: a wildcard never selects clusters."""
-    try:
-        return cluster_name(name)
-    except ValueError as exc:
-        raise ConfigError(f"cluster: {exc}") from None
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (from CI runners, ``timeout``, systemd) acts as Ctrl-C: ``up`` rolls back."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _confirm_launch(yes: bool) -> plan.Confirm:
-    """Ask on a terminal; without one, only --yes goes ahead."""
-
-    def confirm(_plan: plan.Plan, reasons: list[str]) -> bool:
-        if yes:
-            return True
-        why = "; ".join(reasons)
-        if not sys.stdin.isatty():
-            raise ConfigError(f"confirmation needed ({why}): pass --yes to launch anyway")
-        return click.confirm(f"Launch anyway? {why}", err=True)
-
-    return confirm
-
-
-def _time_left(node: Node, now: datetime) -> str | None:
-    if node.expires is None:
-        return None
-    seconds = int((node.expires - now).total_seconds())
-    if seconds <= 0:
-        return "expired"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned columns, ``-`` for a missing value."""
-    cells = [list(headers)] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
-
-
-def _progress(message: str) -> None:
-    click.echo(message, err=True)
+    return local_commands
 
 
 _region_option = click.option("--region", help="AWS region (default: boto3's configured one).")
@@ -125,23 +49,6 @@ _local_option = click.option(
     is_flag=True,
     help="The local cloud: moto as the EC2 API, instances booted on this machine (root).",
 )
-LOCAL_CLUSTER = "local"
-
-
-def _local_cluster(cluster: str | None, local: bool, endpoint_url: str | None) -> str:
-    """The cluster name: ``local`` by default with --local, required without; validated."""
-    if local and endpoint_url is not None:
-        raise click.UsageError("--local runs its own EC2 API; --endpoint-url does not apply")
-    if cluster is None and not local:
-        raise click.UsageError("Missing option '--cluster' (or give --local).")
-    with _one_line_errors():
-        return _cluster_name(cluster or LOCAL_CLUSTER)
-
-
-def _local_cloud(cluster: str, loopback: bool | None = None) -> Any:
-    from tfcluster.cloudinit.localcloud.cloud import LocalCloud
-
-    return LocalCloud(cluster, loopback=loopback)
 
 
 @click.command()
@@ -206,67 +113,23 @@ def up(
         raise click.UsageError("--steps applies to --local only (set 'program' in the config)")
     if loopback and not local:
         raise click.UsageError("--loopback applies to --local only")
-    with _one_line_errors(), _sigterm_interrupts():
+    with one_line_errors(), sigterm_interrupts():
         overrides = parse_overrides(settings)
         named = {"cluster": cluster, "region": region, "workers": workers, "ps": ps}
         overrides.update({key: value for key, value in named.items() if value is not None})
         if local:
-            _up_local(config_path, overrides, endpoint_url, dry_run, steps, loopback)
+            commands().up_local(config_path, overrides, endpoint_url, dry_run, steps, loopback)
             return
-        config = _load(config_path, overrides)
+        config = load_config(config_path, overrides)
         provider = Ec2Provider(config.region, endpoint_url=endpoint_url)
         result = provision.up(
             config,
             provider,
             dry_run=dry_run,
-            on_event=_progress,
-            confirm=_confirm_launch(yes),
+            on_event=progress,
+            confirm=confirm_launch(yes),
         )
-    _print_nodes(result, config.zone)
-
-
-def _print_nodes(result: provision.UpResult, zone: str) -> None:
-    rows = [
-        (n.instance_id, n.role, n.index, n.private_ip, provision.dns_name(n, zone))
-        for n in result.nodes
-    ]
-    if rows:
-        click.echo(_table(("INSTANCE", "ROLE", "INDEX", "PRIVATE IP", "DNS NAME"), rows))
-
-
-def _up_local(
-    config_path: Path | None,
-    overrides: dict[str, Any],
-    endpoint_url: str | None,
-    dry_run: bool,
-    steps: int | None,
-    loopback: bool,
-) -> None:
-    """``up --local``: the same provisioning against moto, then boot, barrier, DNS table."""
-    from tfcluster.cloudinit.localcloud.cloud import training_program
-
-    if config_path is not None:
-        raise click.UsageError("--local takes its settings from options, not --config")
-    if overrides.pop("region", None) is not None:
-        raise click.UsageError("--local runs its own EC2 API; --region does not apply")
-    cluster = _local_cluster(overrides.pop("cluster", None), True, endpoint_url)
-    cloud = _local_cloud(cluster, True if loopback else None)
-    if loopback and cloud.mode != "loopback":
-        raise click.UsageError(f"local cluster {cluster} runs in {cloud.mode} mode; down it first")
-    if steps is not None:
-        overrides["program"] = training_program(steps)
-    _progress(f"starting the local cloud for cluster {cloud.cluster} ({cloud.mode} mode)")
-    config = cloud.prepare(overrides)
-    result = cloud.up(config, on_event=_progress, dry_run=dry_run)
-    _print_nodes(result, config.zone)
-    if dry_run:
-        return
-    entries = cloud.dns_table()
-    click.echo("\nDNS, as the cluster's CoreDNS answers on the chief:")
-    click.echo(_table(("NAME", "ADDRESS", "PORT"), [(e.name, e.address, e.port) for e in entries]))
-    chief = cloud.find("chief0")
-    if chief is not None:
-        click.echo(f"\nchief log (training output): {cloud.agent_log(chief)}")
+    print_nodes(result, config.zone)
 
 
 @click.command()
@@ -298,12 +161,12 @@ def down(
     With --local, also remove every process, namespace, interface and file
     the local cloud made for the cluster (after a crash too).
     """
-    cluster = _local_cluster(cluster, local, endpoint_url)
-    with _one_line_errors():
+    cluster = local_cluster(cluster, local, endpoint_url)
+    with one_line_errors():
         if local:
             if not yes:
                 click.confirm(f"Remove local cluster {cluster} and everything it runs?", abort=True)
-            removed = _local_cloud(cluster).down(on_event=_progress)
+            removed = commands().local_cloud(cluster).down(on_event=progress)
             click.echo(f"removed {len(removed)} item(s)" if removed else "nothing to remove")
             return
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
@@ -314,7 +177,7 @@ def down(
                 abort=True,
             )
         result = provision.down(
-            cluster, provider, on_event=_progress, timeout=timeout, group_timeout=timeout
+            cluster, provider, on_event=progress, timeout=timeout, group_timeout=timeout
         )
     removed = len(result.terminated) + len(result.security_groups)
     if removed:
@@ -330,7 +193,7 @@ def down(
             "again to finish",
             err=True,
         )
-        raise SystemExit(EXIT_PROVIDER)
+        raise SystemExit(terminal.EXIT_PROVIDER)
 
 
 @click.command()
@@ -352,12 +215,12 @@ def status(
     local: bool,
 ) -> None:
     """One line per instance of the cluster, with its DNS name."""
-    cluster = _local_cluster(cluster, local, endpoint_url)
+    cluster = local_cluster(cluster, local, endpoint_url)
     if local:
-        _status_local(cluster)
+        commands().status_local(cluster)
         return
     dns_check = _record_check(cluster, etcd_endpoint) if etcd_endpoint is not None else None
-    with _one_line_errors():
+    with one_line_errors():
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
         rows = provision.status(cluster, provider, dns_check=dns_check)
     if not rows:
@@ -369,7 +232,7 @@ def status(
     dns = {True: "present", False: "missing", None: "unknown"}
     now = datetime.now(timezone.utc)
     click.echo(
-        _table(
+        table(
             headers,
             [
                 (
@@ -380,7 +243,7 @@ def status(
                     r.node.private_ip,
                     r.dns_name,
                     dns[r.dns_present] if r.dns_name else None,
-                    _time_left(r.node, now),
+                    time_left(r.node, now),
                 )
                 for r in rows
             ],
@@ -409,40 +272,12 @@ def _record_check(cluster: str, endpoint: str) -> Callable[[str], bool | None]:
     return check
 
 
-def _status_local(cluster: str) -> None:
-    with _one_line_errors():
-        rows = _local_cloud(cluster).status()
-    if not rows:
-        click.echo(f"local cluster {cluster}: no instances booted")
-        return
-    headers = ("INSTANCE", "ROLE", "INDEX", "STATE", "PRIVATE IP", "NAMESPACE", "PROCESSES",
-               "BARRIER")  # fmt: skip
-    click.echo(
-        _table(
-            headers,
-            [
-                (
-                    r.instance_id,
-                    r.node.role if r.node else None,
-                    r.node.index if r.node else None,
-                    r.node.state if r.node else "unknown to EC2",
-                    r.node.private_ip if r.node else None,
-                    r.namespace,
-                    r.processes,
-                    {True: "passed", False: "waiting", None: None}[r.barrier_passed],
-                )
-                for r in rows
-            ],
-        )
-    )
-
-
 @click.command(name="ls")
 @_region_option
 @_endpoint_option
 def list_clusters(region: str | None, endpoint_url: str | None) -> None:
     """Every cluster in the region that still holds instances or a security group."""
-    with _one_line_errors():
+    with one_line_errors():
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
         clusters = provision.list_clusters(provider)
     if not clusters:
@@ -458,7 +293,7 @@ def list_clusters(region: str | None, endpoint_url: str | None) -> None:
         )
         for c in clusters
     ]
-    click.echo(_table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS", "LOCK"), rows))
+    click.echo(table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS", "LOCK"), rows))
 
 
 @click.command()
@@ -472,8 +307,8 @@ def unlock(cluster: str, region: str | None, endpoint_url: str | None) -> None:
     it also expires by itself after an hour): removing the lock of a run
     still going lets a second up launch beside it.
     """
-    with _one_line_errors():
-        cluster = _cluster_name(cluster)
+    with one_line_errors():
+        cluster = cluster_option(cluster)
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
         lock = provider.find_lock(cluster)
         if lock is None:
@@ -502,15 +337,15 @@ def render(
 ) -> None:
     """Print the user-data one instance of ROLE would receive: readable parts,
     or with --raw the exact bytes RunInstances gets."""
-    with _one_line_errors():
-        config = _load(config_path, parse_overrides(overrides))
+    with one_line_errors():
+        config = load_config(config_path, parse_overrides(overrides))
         endpoints = list(etcd_endpoints) or None
         try:
             data = render_user_data(config, role, index, endpoints)
             parts = render_parts(config, role, index, endpoints)
         except RenderError as exc:
             click.echo(f"Error: {exc}", err=True)
-            raise SystemExit(EXIT_USAGE) from None
+            raise SystemExit(terminal.EXIT_USAGE) from None
     if raw:
         click.echo(data, nl=False)  # bytes go to the binary stream unchanged
         return
