@@ -8,11 +8,12 @@ etcd does not hold every member yet (``etcd_missing`` names someone), the
 barrier does not ask CoreDNS at all: each agent asks about once, not once per
 peer's claim, and never caches an incomplete set in CoreDNS for the others.
 A broken watch names nobody, so the barrier falls back to polling DNS.
-Since every agent learns of the last claim
-at the same moment, each waits a random fraction of ``spread`` (2 ms per
-member, at most 1 s) before asking, so that CoreDNS builds the answer once
-and serves the rest from its one-second cache instead of building it for
-every agent at once.
+Every agent learns of the last claim at the same moment and asks at once:
+CoreDNS (the tfzone plugin) answers from memory, so there is no cache to
+warm and nothing to spread out. ``spread`` (default 0) can still delay each
+agent by a random fraction of it, for a name server that builds each answer
+from etcd. The query goes over TCP at once when the expected members cannot
+fit in a UDP answer, so each poll is one query.
 
 The barrier passes when the SRV answer lists every expected member, and then
 - unless turned off for hosts whose system resolver does not use CoreDNS -
@@ -70,7 +71,7 @@ class Barrier:
         interval: float = 0.1,
         max_interval: float = 2.0,
         progress_every: float = 10.0,
-        spread: float | None = None,
+        spread: float = 0.0,
         rng: random.Random | None = None,
         resolve: Callable[[str, int], set[str]] = system_resolves,
         now: Callable[[], float] = time.monotonic,
@@ -84,7 +85,7 @@ class Barrier:
         self.interval = interval
         self.max_interval = max_interval
         self.progress_every = progress_every
-        self.spread = min(1.0, 0.002 * len(self.expected)) if spread is None else spread
+        self.spread = spread
         self.rng = rng if rng is not None else random.Random()
         self.resolve = resolve
         self.now = now
@@ -106,7 +107,7 @@ class Barrier:
             now = self.now()
             absent_in_etcd = self.etcd_missing() if self.etcd_missing is not None else []
             if not_before is None and not absent_in_etcd:
-                not_before = now + self.rng.uniform(0, self.spread)
+                not_before = now + (self.rng.uniform(0, self.spread) if self.spread > 0 else 0.0)
             if absent_in_etcd:
                 missing = absent_in_etcd
             elif not_before is not None and now >= not_before:
@@ -135,7 +136,7 @@ class Barrier:
         """(all endpoints, []) when the barrier holds, else (None, missing labels)."""
         self.polls += 1
         try:
-            members = self.dns.members(self.zone)
+            members = self.dns.members(self.zone, expected=len(self.expected))
         except DNSQueryError as exc:
             log.debug("barrier poll failed: %s", exc)
             return None, sorted(m.label for m in self.expected)

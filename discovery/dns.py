@@ -8,9 +8,11 @@ broken" (SERVFAIL, REFUSED: an error) from "nobody answered" (a timeout).
 Membership is read with ONE query: the SRV view ``_tensorflow._tcp.<zone>``
 (see records.py) answers one SRV record per member, with the member's port,
 and CoreDNS adds each member's address as a glue A record. Queries go over
-UDP with an EDNS0 buffer of 4096 bytes; a larger cluster's answer comes back
-truncated (TC bit) and the same question is asked again over TCP. A TCP
-answer holds at most 64 KiB: about 700 members with their glue (CoreDNS 1.14).
+UDP with an EDNS0 buffer of 4096 bytes. When the caller knows how many
+members to expect and their answer cannot fit (``fits_udp``), the question
+goes straight to TCP, so every look-up is one query; otherwise a truncated
+UDP answer (TC bit) is asked again over TCP. A TCP answer holds at most
+64 KiB: about 700 members with their glue (CoreDNS 1.14).
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 2.0
 EDNS_BUFFER = 4096
 _TCP_LENGTH = struct.Struct("!H")
+# Upper bounds on the membership answer's size (CoreDNS compresses names):
+# the header, question and OPT record, then per member one SRV record
+# (target "<role><index>" + a pointer) and one glue A record, with room for
+# long role labels and indexes.
+_ANSWER_OVERHEAD = 96
+_BYTES_PER_MEMBER = 56
+
+
+def fits_udp(edns_buffer: int | None, members: int) -> bool:
+    """Whether a membership answer of ``members`` members surely fits in one
+    UDP reply (512 bytes without EDNS0)."""
+    limit = edns_buffer if edns_buffer is not None else 512
+    return _ANSWER_OVERHEAD + _BYTES_PER_MEMBER * members <= limit
 
 
 class DNSQueryError(Exception):
@@ -96,14 +111,15 @@ class DNSClient:
         self.tcp_retries = 0
         self._tcp_names: set[tuple[str, str]] = set()
 
-    def query(self, name: str, qtype: str) -> dnslib.DNSRecord:
+    def query(self, name: str, qtype: str, tcp: bool = False) -> dnslib.DNSRecord:
         """Ask ``qtype`` (e.g. "A", "SRV") for ``name``; NXDOMAIN is an answer
-        with no records, any other error code raises DNSServerError."""
+        with no records, any other error code raises DNSServerError. ``tcp``
+        asks over TCP at once (an answer known not to fit in UDP)."""
         deadline = time.monotonic() + self.timeout
         request = dnslib.DNSRecord.question(name, qtype)
         if self.edns_buffer is not None:
             request.add_ar(dnslib.EDNS0(udp_len=self.edns_buffer))
-        if (name, qtype) in self._tcp_names:
+        if tcp or (name, qtype) in self._tcp_names:
             reply = self._exchange_tcp(request, deadline)
         else:
             reply = self._exchange_udp(request, deadline)
@@ -124,13 +140,16 @@ class DNSClient:
         reply = self.query(name, "A")
         return [str(rr.rdata) for rr in reply.rr if rr.rtype == dnslib.QTYPE.A]
 
-    def members(self, zone: str) -> dict[Member, Endpoint]:
+    def members(self, zone: str, expected: int | None = None) -> dict[Member, Endpoint]:
         """Every registered member of the cluster, from one SRV query, sorted.
 
+        ``expected`` (the cluster's size, when known) sends the query over
+        TCP at once if that many members cannot fit in a UDP answer.
         SRV targets that are not member names, and targets without a glue
         address, are skipped: they are not servers TensorFlow can dial.
         """
-        reply = self.query(records.srv_name(zone), "SRV")
+        tcp = expected is not None and not fits_udp(self.edns_buffer, expected)
+        reply = self.query(records.srv_name(zone), "SRV", tcp=tcp)
         # DNSLabel compares and hashes case-insensitively, as DNS names do.
         glue = {rr.rname: str(rr.rdata) for rr in reply.ar if rr.rtype == dnslib.QTYPE.A}
         found: dict[Member, Endpoint] = {}

@@ -11,7 +11,7 @@ from typing import Any
 import dnslib
 import pytest
 
-from conftest import TEST_CLUSTER, TEST_ZONE, put_members
+from conftest import TEST_CLUSTER, TEST_ZONE, dns_caught_up, put_members
 from tfcluster.discovery import dns, records
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.records import Member
@@ -64,6 +64,7 @@ def test_srv_targets_that_are_not_members_are_ignored(client, etcd, clean_cluste
     path = records.cluster_path(TEST_CLUSTER)
     stray = records.name_to_key(path, "backup." + records.srv_name(TEST_ZONE))
     etcd.put(stray, records.record_value("127.0.20.8", 9999, ttl=5))
+    dns_caught_up(etcd)
 
     assert client.members(TEST_ZONE) == {Member("ps", 0): Endpoint("127.0.20.2", 2222)}
 
@@ -83,6 +84,26 @@ def test_a_large_cluster_is_answered_over_tcp_after_truncation(
     assert (client.queries_sent, client.tcp_retries) == (2, 1)
 
 
+def test_a_cluster_known_to_be_large_is_asked_over_tcp_at_once(client, etcd, clean_cluster):
+    expected = {
+        Member("worker", i): Endpoint(f"127.0.{30 + i // 200}.{1 + i % 200}", 2222 + i)
+        for i in range(300)
+    }
+    put_members(etcd, expected)
+
+    assert client.members(TEST_ZONE, expected=len(expected)) == expected
+    assert (client.queries_sent, client.tcp_retries) == (1, 0)
+
+
+def test_a_small_cluster_is_asked_over_udp(client, etcd, clean_cluster):
+    expected = {Member("worker", i): Endpoint(f"127.0.30.{1 + i}", 2222) for i in range(8)}
+    put_members(etcd, expected)
+
+    assert client.members(TEST_ZONE, expected=len(expected)) == expected
+    assert (client.queries_sent, client.tcp_retries) == (1, 0)
+    assert not dns.fits_udp(dns.EDNS_BUFFER, 300) and dns.fits_udp(dns.EDNS_BUFFER, 8)
+
+
 def test_an_answer_truncated_even_over_tcp_is_an_error_not_a_partial_list(
     client, etcd, clean_cluster
 ):
@@ -92,6 +113,7 @@ def test_an_answer_truncated_even_over_tcp_is_an_error_not_a_partial_list(
     for i in range(1500):
         value = records.record_value(f"127.1.{i // 200}.{1 + i % 200}", 2222, ttl=5)
         etcd.put(records.srv_key(path, TEST_ZONE, Member("worker", i)), value)
+    dns_caught_up(etcd)
 
     with pytest.raises(dns.DNSAnswerTooLarge):
         client.members(TEST_ZONE)

@@ -1,0 +1,134 @@
+package tfzone
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/coredns/coredns/plugin/etcd/msg"
+	"github.com/coredns/coredns/plugin/pkg/dnstest"
+	"github.com/coredns/coredns/plugin/test"
+
+	"github.com/miekg/dns"
+)
+
+const path = "/tfcluster-t"
+
+// fill builds a view as the watch would, from key/value pairs in any order.
+func fill(t *testing.T, z *TFZone, kv map[string]string) {
+	t.Helper()
+	view := z.view.Load()
+	for key, value := range kv {
+		serv, err := decode(key, []byte(value))
+		if err != nil {
+			t.Fatal(err)
+		}
+		view = view.with(key, serv)
+	}
+	z.view.Store(view)
+}
+
+func newZone() *TFZone {
+	z := New()
+	z.Zones = []string{"tensorflow.local."}
+	z.PathPrefix = path
+	z.TTL = 5
+	return z
+}
+
+func member(label, ip string) map[string]string {
+	value := fmt.Sprintf(`{"host": %q, "port": 2222, "ttl": 5}`, ip)
+	return map[string]string{
+		path + "/local/tensorflow/" + label + "/tf":          value,
+		path + "/local/tensorflow/_tcp/_tensorflow/" + label: value,
+	}
+}
+
+func ask(t *testing.T, z *TFZone, name string, qtype uint16) *dns.Msg {
+	t.Helper()
+	req := new(dns.Msg)
+	req.SetQuestion(name, qtype)
+	rec := dnstest.NewRecorder(&test.ResponseWriter{})
+	if _, err := z.ServeDNS(context.Background(), rec, req); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return rec.Msg
+}
+
+func TestViewKeepsKeysSortedThroughInsertsAndDeletes(t *testing.T) {
+	view := &snapshot{}
+	for _, key := range []string{"/p/c", "/p/a", "/p/b", "/p/a"} {
+		view = view.with(key, serv(key))
+	}
+	view = view.without("/p/b").without("/p/missing")
+	var keys []string
+	for _, e := range view.entries {
+		keys = append(keys, e.key)
+	}
+	if fmt.Sprint(keys) != "[/p/a /p/c]" {
+		t.Fatalf("keys = %v", keys)
+	}
+}
+
+func TestLookupReadsTheSubtreeThenTheKeyItself(t *testing.T) {
+	view := &snapshot{}
+	for _, key := range []string{"/p/x/a/tf", "/p/x/ab/tf", "/p/x/b"} {
+		view = view.with(key, serv(key))
+	}
+	if found, ok := view.lookup("/p/x/a", false); !ok || len(found) != 1 || found[0].key != "/p/x/a/tf" {
+		t.Fatalf("subtree of a: %v %v (ab must not match)", found, ok)
+	}
+	if found, ok := view.lookup("/p/x/b", false); !ok || len(found) != 1 {
+		t.Fatalf("leaf b: %v %v", found, ok)
+	}
+	if _, ok := view.lookup("/p/x/a", true); ok {
+		t.Fatal("exact look-up of a name with only children found something")
+	}
+	if _, ok := view.lookup("/p/x/c", false); ok {
+		t.Fatal("missing name found")
+	}
+}
+
+func TestARecordAndNXDOMAIN(t *testing.T) {
+	z := newZone()
+	fill(t, z, member("ps0", "127.0.9.1"))
+	reply := ask(t, z, "ps0.tensorflow.local.", dns.TypeA)
+	if reply.Rcode != dns.RcodeSuccess || len(reply.Answer) != 1 {
+		t.Fatalf("A ps0: %v", reply)
+	}
+	if a := reply.Answer[0].(*dns.A); a.A.String() != "127.0.9.1" || a.Hdr.Ttl != 5 {
+		t.Fatalf("A ps0: %v", a)
+	}
+	if reply := ask(t, z, "worker9.tensorflow.local.", dns.TypeA); reply.Rcode != dns.RcodeNameError {
+		t.Fatalf("A worker9: rcode %d, want NXDOMAIN", reply.Rcode)
+	}
+}
+
+func TestOneSRVAnswerListsEveryMemberWithGlue(t *testing.T) {
+	z := newZone()
+	for i := range 100 {
+		fill(t, z, member(fmt.Sprintf("worker%d", i), fmt.Sprintf("127.0.10.%d", i+1)))
+	}
+	reply := ask(t, z, "_tensorflow._tcp.tensorflow.local.", dns.TypeSRV)
+	if len(reply.Answer) != 100 || len(reply.Extra) != 100 {
+		t.Fatalf("SRV: %d answers, %d glue; want 100 each", len(reply.Answer), len(reply.Extra))
+	}
+	srv := reply.Answer[0].(*dns.SRV)
+	if srv.Port != 2222 || srv.Target != "worker0._tensorflow._tcp.tensorflow.local." {
+		t.Fatalf("SRV: %v", srv)
+	}
+}
+
+func TestADeleteRemovesTheName(t *testing.T) {
+	z := newZone()
+	fill(t, z, member("ps0", "127.0.9.1"))
+	z.view.Store(z.view.Load().without(path + "/local/tensorflow/ps0/tf"))
+	if reply := ask(t, z, "ps0.tensorflow.local.", dns.TypeA); reply.Rcode != dns.RcodeNameError {
+		t.Fatalf("A ps0 after delete: rcode %d, want NXDOMAIN", reply.Rcode)
+	}
+}
+
+func serv(key string) msg.Service {
+	s, _ := decode(key, []byte(`{"host": "127.0.0.1"}`))
+	return s
+}
