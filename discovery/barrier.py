@@ -13,7 +13,10 @@ CoreDNS (the tfzone plugin) answers from memory, so there is no cache to
 warm and nothing to spread out. ``spread`` (default 0) can still delay each
 agent by a random fraction of it, for a name server that builds each answer
 from etcd. The query goes over TCP at once when the expected members cannot
-fit in a UDP answer, so each poll is one query.
+fit in a UDP answer, so each poll is one query. CoreDNS follows etcd through
+its own watch, a moment behind; if its answer still lacks a member that etcd
+holds, the barrier asks again after ``settle`` (doubling), not after the
+ordinary back-off.
 
 The barrier passes when the SRV answer lists every expected member, and then
 - unless turned off for hosts whose system resolver does not use CoreDNS -
@@ -72,6 +75,7 @@ class Barrier:
         max_interval: float = 2.0,
         progress_every: float = 10.0,
         spread: float = 0.0,
+        settle: float = 0.005,
         rng: random.Random | None = None,
         resolve: Callable[[str, int], set[str]] = system_resolves,
         now: Callable[[], float] = time.monotonic,
@@ -86,6 +90,7 @@ class Barrier:
         self.max_interval = max_interval
         self.progress_every = progress_every
         self.spread = spread
+        self.settle = settle
         self.rng = rng if rng is not None else random.Random()
         self.resolve = resolve
         self.now = now
@@ -102,6 +107,7 @@ class Barrier:
         delay = self.interval
         not_before: float | None = None  # set once etcd holds every member
         missing: list[str] = sorted(m.label for m in self.expected)
+        behind = 0  # answers from CoreDNS that lacked members etcd holds
         while True:
             self.wake.clear()
             now = self.now()
@@ -115,6 +121,8 @@ class Barrier:
                 if found is not None:
                     log.info("barrier passed: all %d members resolve", len(self.expected))
                     return found
+                if self.etcd_missing is not None:
+                    behind += 1
             now = self.now()
             if now >= deadline:
                 raise BarrierTimeout(timeout, missing)
@@ -127,6 +135,8 @@ class Barrier:
             pause = min(delay, deadline - now)
             if not_before is not None and now < not_before:
                 pause = min(pause, not_before - now)
+            elif behind and self.etcd_missing is not None and not self.etcd_missing():
+                pause = min(pause, self.settle * 2 ** min(behind - 1, 10))
             woken = self.wake.wait(pause)
             if stop is not None and stop.is_set():
                 raise InterruptedError("barrier interrupted")
