@@ -36,12 +36,13 @@ _TCP_LENGTH = struct.Struct("!H")
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _SRV_FIXED = struct.Struct("!HHH")
-# Upper bounds on the membership answer's size (CoreDNS compresses names):
-# the header, question and OPT record, then per member one SRV record
-# (target "<role><index>" + a pointer) and one glue A record, with room for
-# long role labels and indexes.
+# Bounds on the membership answer's size as tfzone packs it (compressed
+# names): the header, question and OPT record, then per member one SRV
+# record and one glue A record (77 bytes measured with dig at 64 members,
+# room left for long labels). A server that packs more loosely still gets
+# a truncated UDP answer followed by TCP: a second query, never a wrong one.
 _ANSWER_OVERHEAD = 96
-_BYTES_PER_MEMBER = 56
+_BYTES_PER_MEMBER = 96
 
 
 def fits_udp(edns_buffer: int | None, members: int) -> bool:
@@ -118,7 +119,7 @@ class DNSClient:
         """Ask ``qtype`` (e.g. "A", "SRV") for ``name``; NXDOMAIN is an answer
         with no records, any other error code raises DNSServerError. ``tcp``
         asks over TCP at once (an answer known not to fit in UDP)."""
-        packet = self._ask(name, qtype, tcp)
+        packet = self.ask_raw(name, qtype, tcp)
         try:
             reply = dnslib.DNSRecord.parse(packet)
         except dnslib.DNSError as exc:
@@ -128,7 +129,7 @@ class DNSClient:
             raise DNSServerError(name, qtype, str(rcode))
         return reply
 
-    def _ask(self, name: str, qtype: str, tcp: bool) -> bytes:
+    def ask_raw(self, name: str, qtype: str, tcp: bool = False) -> bytes:
         """The raw reply to one question: over UDP, then TCP if truncated (or
         over TCP at once); raises DNSAnswerTooLarge if TCP truncates too."""
         deadline = time.monotonic() + self.timeout
@@ -163,22 +164,7 @@ class DNSClient:
         """
         tcp = expected is not None and not fits_udp(self.edns_buffer, expected)
         name = records.srv_name(zone)
-        packet = self._ask(name, "SRV", tcp)
-        try:
-            rcode, srv, glue = parse_membership(packet)
-        except (IndexError, ValueError, struct.error) as exc:
-            raise DNSBadReply(f"SRV {name}: unparseable reply: {exc}") from exc
-        if rcode not in (0, 3):  # NOERROR, NXDOMAIN
-            raise DNSServerError(name, "SRV", str(dnslib.RCODE.get(rcode)))
-        found: dict[Member, Endpoint] = {}
-        for target, port in srv:
-            member = records.parse_label(target.partition(".")[0])
-            address = glue.get(target)
-            if member is None or address is None:
-                log.debug("SRV target %s is not a member with an address; skipped", target)
-                continue
-            found.setdefault(member, Endpoint(address, port))
-        return dict(sorted(found.items()))
+        return members_from_reply(self.ask_raw(name, "SRV", tcp), name)
 
     def _exchange_udp(self, request: dnslib.DNSRecord, deadline: float) -> bytes:
         with socket.socket(_family(self.server[0]), socket.SOCK_DGRAM) as sock:
@@ -246,6 +232,25 @@ def parse_server(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad DNS server address {text!r}: expected host:port")
     return host.strip("[]"), int(port)
+
+
+def members_from_reply(packet: bytes, name: str = "membership") -> dict[Member, Endpoint]:
+    """The members a membership SRV reply lists, sorted; see DNSClient.members."""
+    try:
+        rcode, srv, glue = parse_membership(packet)
+    except (IndexError, ValueError, struct.error) as exc:
+        raise DNSBadReply(f"SRV {name}: unparseable reply: {exc}") from exc
+    if rcode not in (0, 3):  # NOERROR, NXDOMAIN
+        raise DNSServerError(name, "SRV", str(dnslib.RCODE.get(rcode)))
+    found: dict[Member, Endpoint] = {}
+    for target, port in srv:
+        member = records.parse_label(target.partition(".")[0])
+        address = glue.get(target)
+        if member is None or address is None:
+            log.debug("SRV target %s is not a member with an address; skipped", target)
+            continue
+        found.setdefault(member, Endpoint(address, port))
+    return dict(sorted(found.items()))
 
 
 def _answers(packet: bytes, request: dnslib.DNSRecord) -> bool:

@@ -40,6 +40,10 @@ class MembershipWatch:
         self.wake = wake
         self._lock = threading.Lock()
         self._present: set[records.Member] = set()
+        # Labels of expected members etcd does not hold, kept up to date per
+        # event: the barrier asks after every event, and recomputing from
+        # the whole set each time would cost O(N) per event.
+        self._missing: set[str] = {member.label for member in self.expected}
         self._broken = True
         self._watch_id: Any = None
 
@@ -60,9 +64,9 @@ class MembershipWatch:
     def missing(self) -> list[str]:
         """Expected members etcd does not hold; empty also when the watch cannot tell."""
         with self._lock:
-            if self._broken:
+            if self._broken or not self._missing:
                 return []
-            return sorted(member.label for member in self.expected - self._present)
+            return sorted(self._missing)
 
     def stop(self) -> None:
         if self._watch_id is not None:
@@ -88,5 +92,8 @@ class MembershipWatch:
             return
         if present:
             self._present.add(member)
+            self._missing.discard(member.label)
         else:
             self._present.discard(member)
+            if member in self.expected:
+                self._missing.add(member.label)

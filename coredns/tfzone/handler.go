@@ -2,6 +2,7 @@ package tfzone
 
 import (
 	"context"
+	"encoding/binary"
 
 	"github.com/coredns/coredns/plugin"
 	"github.com/coredns/coredns/request"
@@ -19,6 +20,17 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	if zone == "" {
 		return plugin.NextOrFailure(t.Name(), t.Next, ctx, w, r)
 	}
+
+	// One snapshot serves the whole query. A positive answer built from it
+	// is kept with it as wire bytes, so N agents asking for the same
+	// membership set at the same moment cost one build and one packing, and
+	// a change of the set (a new snapshot) starts afresh.
+	view := t.view.Load()
+	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do()}
+	if packed, ok := view.wire.Load(key); ok && writeWire(w, r, state, packed.([]byte)) {
+		return dns.RcodeSuccess, nil
+	}
+	ctx = context.WithValue(ctx, viewKey{}, view)
 
 	var (
 		records, extra []dns.RR
@@ -60,15 +72,59 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	if len(records) == 0 {
 		return plugin.BackendError(ctx, t, zone, dns.RcodeSuccess, state, nil, opt)
 	}
-
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.Truncated = truncated
 	m.Authoritative = true
 	m.Answer = records
 	m.Extra = extra
+	if opt := r.IsEdns0(); opt != nil {
+		m.SetEdns0(opt.UDPSize(), opt.Do())
+	}
+	m.Compress = true
+	if packed, err := m.Pack(); err == nil && len(packed) <= dns.MaxMsgSize {
+		view.wire.Store(key, packed)
+		if writeWire(w, r, state, packed) {
+			return dns.RcodeSuccess, nil
+		}
+	}
+	// Too large for this client's UDP buffer: the server's writer truncates.
+	m.Compress = false
+	if m.IsEdns0() != nil {
+		m.Extra = m.Extra[:len(m.Extra)-1]
+	}
 	w.WriteMsg(m)
 	return dns.RcodeSuccess, nil
+}
+
+// viewKey carries the query's snapshot to Records, so that one query reads one state.
+type viewKey struct{}
+
+// wireKey is what a packed answer depends on besides the snapshot: the
+// question as asked (case kept, so the echoed question matches) and EDNS0.
+type wireKey struct {
+	name  string
+	qtype uint16
+	edns  bool
+	do    bool
+}
+
+// writeWire sends a packed answer with this request's id and RD bit; false
+// when it does not fit the client's UDP buffer.
+func writeWire(w dns.ResponseWriter, r *dns.Msg, state request.Request, packed []byte) bool {
+	if state.Proto() == "udp" && len(packed) > state.Size() {
+		return false
+	}
+	out := make([]byte, len(packed))
+	copy(out, packed)
+	binary.BigEndian.PutUint16(out, r.Id)
+	if r.RecursionDesired {
+		out[2] |= 0x01
+	} else {
+		out[2] &^= 0x01
+	}
+	w.Write(out)
+	return true
 }
 
 // Name implements plugin.Handler.

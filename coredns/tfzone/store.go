@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/coredns/coredns/plugin/etcd/msg"
 )
@@ -17,8 +18,11 @@ type entry struct {
 
 // snapshot is an immutable, key-sorted view of every record under the path.
 // Queries read a snapshot without locks; the watch loop replaces it whole.
+// wire holds the packed answers built from this snapshot (see handler.go):
+// it lives and dies with the snapshot, so it never serves an older state.
 type snapshot struct {
 	entries []entry
+	wire    sync.Map // wireKey -> []byte
 }
 
 // decode parses a SkyDNS JSON value as the etcd plugin does (plugin/etcd
@@ -47,13 +51,13 @@ func (s *snapshot) with(key string, serv msg.Service) *snapshot {
 		entries := make([]entry, len(s.entries))
 		copy(entries, s.entries)
 		entries[i].serv = serv
-		return &snapshot{entries}
+		return &snapshot{entries: entries}
 	}
 	entries := make([]entry, 0, len(s.entries)+1)
 	entries = append(entries, s.entries[:i]...)
 	entries = append(entries, entry{key, serv})
 	entries = append(entries, s.entries[i:]...)
-	return &snapshot{entries}
+	return &snapshot{entries: entries}
 }
 
 // without returns a copy of s without key (s itself when key is absent).
@@ -65,7 +69,7 @@ func (s *snapshot) without(key string) *snapshot {
 	entries := make([]entry, 0, len(s.entries)-1)
 	entries = append(entries, s.entries[:i]...)
 	entries = append(entries, s.entries[i+1:]...)
-	return &snapshot{entries}
+	return &snapshot{entries: entries}
 }
 
 // lookup answers a name's etcd key the way the etcd plugin's get does: every

@@ -194,8 +194,12 @@ func (t *TFZone) MinTTL(request.Request) uint32 { return t.TTL }
 
 // Records implements plugin.ServiceBackend: the services at or below the
 // queried name, from memory, as the etcd plugin would read them from etcd.
-func (t *TFZone) Records(_ context.Context, state request.Request, exact bool) ([]msg.Service, error) {
-	found, ok := t.view.Load().lookup(msg.Path(state.Name(), t.PathPrefix), exact)
+func (t *TFZone) Records(ctx context.Context, state request.Request, exact bool) ([]msg.Service, error) {
+	view, ok := ctx.Value(viewKey{}).(*snapshot)
+	if !ok {
+		view = t.view.Load()
+	}
+	found, ok := view.lookup(msg.Path(state.Name(), t.PathPrefix), exact)
 	if !ok {
 		return nil, errKeyNotFound
 	}

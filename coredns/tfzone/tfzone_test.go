@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/coredns/coredns/plugin/etcd/msg"
-	"github.com/coredns/coredns/plugin/pkg/dnstest"
 	"github.com/coredns/coredns/plugin/test"
 
 	"github.com/miekg/dns"
@@ -44,15 +43,47 @@ func member(label, ip string) map[string]string {
 	}
 }
 
+// recorder keeps the reply, whether written as a message or as wire bytes.
+type recorder struct {
+	test.ResponseWriter
+	msg *dns.Msg
+}
+
+func (r *recorder) WriteMsg(m *dns.Msg) error {
+	r.msg = m
+	return nil
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	r.msg = new(dns.Msg)
+	return len(b), r.msg.Unpack(b)
+}
+
 func ask(t *testing.T, z *TFZone, name string, qtype uint16) *dns.Msg {
 	t.Helper()
+	for range 2 { // the second reply comes from the packed answer kept with the snapshot
+		req := new(dns.Msg)
+		req.SetQuestion(name, qtype)
+		req.Id = 4242
+		rec := &recorder{}
+		if _, err := z.ServeDNS(context.Background(), rec, req); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if rec.msg == nil || rec.msg.Id != 4242 {
+			t.Fatalf("%s: no reply, or not to this request: %v", name, rec.msg)
+		}
+		if !rec.msg.Authoritative || rec.msg.Question[0].Name != name {
+			t.Fatalf("%s: reply %v", name, rec.msg)
+		}
+		if rec.msg.Rcode != dns.RcodeSuccess {
+			return rec.msg
+		}
+	}
 	req := new(dns.Msg)
 	req.SetQuestion(name, qtype)
-	rec := dnstest.NewRecorder(&test.ResponseWriter{})
-	if _, err := z.ServeDNS(context.Background(), rec, req); err != nil {
-		t.Fatalf("%s: %v", name, err)
-	}
-	return rec.Msg
+	rec := &recorder{}
+	z.ServeDNS(context.Background(), rec, req)
+	return rec.msg
 }
 
 func TestViewKeepsKeysSortedThroughInsertsAndDeletes(t *testing.T) {
@@ -113,6 +144,10 @@ func TestOneSRVAnswerListsEveryMemberWithGlue(t *testing.T) {
 	if len(reply.Answer) != 100 || len(reply.Extra) != 100 {
 		t.Fatalf("SRV: %d answers, %d glue; want 100 each", len(reply.Answer), len(reply.Extra))
 	}
+	fill(t, z, member("worker100", "127.0.11.1"))
+	if again := ask(t, z, "_tensorflow._tcp.tensorflow.local.", dns.TypeSRV); len(again.Answer) != 101 {
+		t.Fatalf("SRV after a claim: %d answers, want 101 (an answer outlived its snapshot)", len(again.Answer))
+	}
 	srv := reply.Answer[0].(*dns.SRV)
 	if srv.Port != 2222 || srv.Target != "worker0._tensorflow._tcp.tensorflow.local." {
 		t.Fatalf("SRV: %v", srv)
@@ -122,6 +157,9 @@ func TestOneSRVAnswerListsEveryMemberWithGlue(t *testing.T) {
 func TestADeleteRemovesTheName(t *testing.T) {
 	z := newZone()
 	fill(t, z, member("ps0", "127.0.9.1"))
+	if reply := ask(t, z, "ps0.tensorflow.local.", dns.TypeA); len(reply.Answer) != 1 {
+		t.Fatalf("A ps0 before delete: %v", reply)
+	}
 	z.view.Store(z.view.Load().without(path + "/local/tensorflow/ps0/tf"))
 	if reply := ask(t, z, "ps0.tensorflow.local.", dns.TypeA); reply.Rcode != dns.RcodeNameError {
 		t.Fatalf("A ps0 after delete: rcode %d, want NXDOMAIN", reply.Rcode)
@@ -131,4 +169,26 @@ func TestADeleteRemovesTheName(t *testing.T) {
 func serv(key string) msg.Service {
 	s, _ := decode(key, []byte(`{"host": "127.0.0.1"}`))
 	return s
+}
+
+// BenchmarkSRV256 is one membership query of a 256-member cluster over TCP
+// (built and packed once per snapshot, then copied).
+func BenchmarkSRV256(b *testing.B) {
+	z := newZone()
+	view := z.view.Load()
+	for i := range 256 {
+		for key, value := range member(fmt.Sprintf("worker%d", i), fmt.Sprintf("127.0.%d.%d", 10+i/250, 1+i%250)) {
+			serv, _ := decode(key, []byte(value))
+			view = view.with(key, serv)
+		}
+	}
+	z.view.Store(view)
+	req := new(dns.Msg)
+	req.SetQuestion("_tensorflow._tcp.tensorflow.local.", dns.TypeSRV)
+	for b.Loop() {
+		w := &test.ResponseWriter{TCP: true}
+		if _, err := z.ServeDNS(context.Background(), w, req); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
