@@ -165,7 +165,11 @@ class Agent:
     def _barrier(self, identity: Identity) -> dict[records.Member, Endpoint]:
         expected = self.config.members()
         watch = MembershipWatch(
-            self.etcd, self.config.cluster, self.config.zone, expected, self._barrier_wake
+            self.config.etcd_endpoints[0],
+            self.config.cluster,
+            self.config.zone,
+            expected,
+            self._barrier_wake,
         )
         watch.start()
         barrier = Barrier(

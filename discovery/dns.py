@@ -8,7 +8,8 @@ broken" (SERVFAIL, REFUSED: an error) from "nobody answered" (a timeout).
 Membership is read with ONE query: the SRV view ``_tensorflow._tcp.<zone>``
 (see records.py) answers one SRV record per member, with the member's port,
 and CoreDNS adds each member's address as a glue A record. Queries go over
-UDP with an EDNS0 buffer of 4096 bytes. When the caller knows how many
+UDP with an EDNS0 buffer of 4096 bytes (65000 to a server on a loopback
+address, such as the instance's own CoreDNS). When the caller knows how many
 members to expect and their answer cannot fit (``fits_udp``), the question
 goes straight to TCP, so every look-up is one query; otherwise a truncated
 UDP answer (TC bit) is asked again over TCP. A TCP answer holds at most
@@ -17,11 +18,13 @@ UDP answer (TC bit) is asked again over TCP. A TCP answer holds at most
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import dnslib
 
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 2.0
 EDNS_BUFFER = 4096
+# A name server on a loopback address (each instance's own CoreDNS) is asked
+# with the largest UDP buffer: loopback carries 64 KiB datagrams without
+# fragmenting, so even a 256-member answer (about 20 KB) comes in one UDP
+# reply, without a TCP handshake.
+EDNS_BUFFER_LOOPBACK = 65000
 _TCP_LENGTH = struct.Struct("!H")
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
@@ -106,11 +114,13 @@ class DNSClient:
         self,
         server: tuple[str, int],
         timeout: float = DEFAULT_TIMEOUT,
-        edns_buffer: int | None = EDNS_BUFFER,
+        edns_buffer: int | Literal["auto"] | None = "auto",
     ) -> None:
         self.server = server
         self.timeout = timeout
-        self.edns_buffer = edns_buffer
+        if edns_buffer == "auto":
+            edns_buffer = EDNS_BUFFER_LOOPBACK if _is_loopback(server[0]) else EDNS_BUFFER
+        self.edns_buffer: int | None = edns_buffer
         self.queries_sent = 0
         self.tcp_retries = 0
         self._tcp_names: set[tuple[str, str]] = set()
@@ -375,6 +385,13 @@ def _timeout(request: dnslib.DNSRecord, server: tuple[str, int]) -> DNSTimeout:
 
 def _describe(request: dnslib.DNSRecord) -> str:
     return f"{dnslib.QTYPE.get(request.q.qtype)} {request.q.qname}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _family(host: str) -> socket.AddressFamily:

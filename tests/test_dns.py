@@ -84,15 +84,29 @@ def test_a_large_cluster_is_answered_over_tcp_after_truncation(
     assert (client.queries_sent, client.tcp_retries) == (2, 1)
 
 
-def test_a_cluster_known_to_be_large_is_asked_over_tcp_at_once(client, etcd, clean_cluster):
+def test_a_cluster_known_to_be_large_is_asked_over_tcp_at_once(stack, etcd, clean_cluster):
+    expected = {
+        Member("worker", i): Endpoint(f"127.0.{30 + i // 200}.{1 + i % 200}", 2222 + i)
+        for i in range(300)
+    }
+    put_members(etcd, expected)
+    client = DNSClient(stack.dns_server, timeout=TIMEOUT, edns_buffer=dns.EDNS_BUFFER)
+
+    assert client.members(TEST_ZONE, expected=len(expected)) == expected
+    assert (client.queries_sent, client.tcp_retries) == (1, 0)
+
+
+def test_a_loopback_server_answers_a_large_cluster_in_one_udp_reply(client, etcd, clean_cluster):
     expected = {
         Member("worker", i): Endpoint(f"127.0.{30 + i // 200}.{1 + i % 200}", 2222 + i)
         for i in range(300)
     }
     put_members(etcd, expected)
 
+    assert client.edns_buffer == dns.EDNS_BUFFER_LOOPBACK
     assert client.members(TEST_ZONE, expected=len(expected)) == expected
     assert (client.queries_sent, client.tcp_retries) == (1, 0)
+    assert DNSClient(("10.0.0.2", 53)).edns_buffer == dns.EDNS_BUFFER  # never sent to
 
 
 def test_a_small_cluster_is_asked_over_udp(client, etcd, clean_cluster):
@@ -102,6 +116,7 @@ def test_a_small_cluster_is_asked_over_udp(client, etcd, clean_cluster):
     assert client.members(TEST_ZONE, expected=len(expected)) == expected
     assert (client.queries_sent, client.tcp_retries) == (1, 0)
     assert not dns.fits_udp(dns.EDNS_BUFFER, 300) and dns.fits_udp(dns.EDNS_BUFFER, 8)
+    assert dns.fits_udp(dns.EDNS_BUFFER_LOOPBACK, 300)
 
 
 def test_an_answer_truncated_even_over_tcp_is_an_error_not_a_partial_list(

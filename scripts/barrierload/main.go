@@ -25,6 +25,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"sort"
 	"strconv"
@@ -160,8 +161,28 @@ func fill(c config) error {
 	return c.claimAll(ctx, cli, lease.ID, labels(c.n))
 }
 
-// fitsUDP is dns.py's fits_udp for a 4096-byte EDNS0 buffer.
-func fitsUDP(n int) bool { return 96+96*n <= 4096 }
+// fitsUDP is dns.py's fits_udp with the buffer DNSClient picks: 65000 bytes
+// for a server on a loopback address (each instance's own CoreDNS), 4096
+// otherwise.
+func fitsUDP(n int, loopback bool) bool {
+	return 96+96*n <= ednsBuffer(loopback)
+}
+
+func ednsBuffer(loopback bool) int {
+	if loopback {
+		return 65000
+	}
+	return 4096
+}
+
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
 
 // members counts complete SRV records with glue in one answer.
 func members(reply *dns.Msg) int {
@@ -318,12 +339,12 @@ func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, read
 		return agentResult{err: fmt.Errorf("agent %d: watch ended before every member was in etcd", id)}
 	}
 	network := "udp"
-	if !fitsUDP(n) {
+	if !fitsUDP(n, isLoopback(c.dnsAddr)) {
 		network = "tcp"
 	}
 	settle := 5 * time.Millisecond
 	for queries := 1; ; queries++ {
-		hdr, err := askHeader(network, c.dnsAddr, c.srvName())
+		hdr, err := askHeader(network, c.dnsAddr, c.srvName(), uint16(ednsBuffer(isLoopback(c.dnsAddr))))
 		if err == nil && hdr.Truncated && network == "udp" {
 			network = "tcp"
 			continue
@@ -347,7 +368,7 @@ type header struct {
 }
 
 // askHeader sends one SRV question and reads the reply's header only.
-func askHeader(network, addr, name string) (header, error) {
+func askHeader(network, addr, name string, buffer uint16) (header, error) {
 	client := &dns.Client{Net: network, Timeout: 5 * time.Second}
 	co, err := client.Dial(addr)
 	if err != nil {
@@ -357,7 +378,8 @@ func askHeader(network, addr, name string) (header, error) {
 	co.SetDeadline(time.Now().Add(5 * time.Second))
 	m := new(dns.Msg)
 	m.SetQuestion(name, dns.TypeSRV)
-	m.SetEdns0(4096, false)
+	m.SetEdns0(buffer, false)
+	co.UDPSize = buffer
 	if err := co.WriteMsg(m); err != nil {
 		return header{}, err
 	}
