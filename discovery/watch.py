@@ -107,13 +107,15 @@ class MembershipWatch:
     def stop(self) -> None:
         self._stopping.set()
         conn = self._conn
-        if conn is not None:
-            if conn.sock is not None:
-                with contextlib.suppress(OSError):  # already closed by etcd
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-            conn.close()
+        if conn is not None and conn.sock is not None:
+            # The reader sees end of stream; the connection is closed after
+            # it has returned, never under it.
+            with contextlib.suppress(OSError):  # already closed by etcd
+                conn.sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(self.timeout)
+        if conn is not None:
+            conn.close()
         self._conn = self._thread = None
 
     def _post(self, conn: http.client.HTTPConnection, path: str, body: dict[str, Any]) -> Any:
