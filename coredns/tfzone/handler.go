@@ -26,8 +26,9 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	// membership set at the same moment cost one build and one packing, and
 	// a change of the set (a new snapshot) starts afresh.
 	view := t.view.Load()
-	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do()}
-	if packed, ok := view.wire.Load(key); ok && writeWire(w, r, state, packed.([]byte)) {
+	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do(), state.Size()}
+	if packed, ok := view.wire.Load(key); ok {
+		writeWire(w, r, packed.([]byte))
 		return dns.RcodeSuccess, nil
 	}
 	ctx = context.WithValue(ctx, viewKey{}, view)
@@ -81,19 +82,16 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	if opt := r.IsEdns0(); opt != nil {
 		m.SetEdns0(opt.UDPSize(), opt.Do())
 	}
+	// Packed once for this snapshot and this client's buffer: truncated (TC
+	// set) when it cannot fit, as the server's writer would.
 	m.Compress = true
-	if packed, err := m.Pack(); err == nil && len(packed) <= dns.MaxMsgSize {
-		view.wire.Store(key, packed)
-		if writeWire(w, r, state, packed) {
-			return dns.RcodeSuccess, nil
-		}
+	m.Truncate(key.size)
+	packed, err := m.Pack()
+	if err != nil {
+		return plugin.BackendError(ctx, t, zone, dns.RcodeServerFailure, state, err, opt)
 	}
-	// Too large for this client's UDP buffer: the server's writer truncates.
-	m.Compress = false
-	if m.IsEdns0() != nil {
-		m.Extra = m.Extra[:len(m.Extra)-1]
-	}
-	w.WriteMsg(m)
+	view.wire.Store(key, packed)
+	writeWire(w, r, packed)
 	return dns.RcodeSuccess, nil
 }
 
@@ -101,20 +99,18 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 type viewKey struct{}
 
 // wireKey is what a packed answer depends on besides the snapshot: the
-// question as asked (case kept, so the echoed question matches) and EDNS0.
+// question as asked (case kept, so the echoed question matches), EDNS0, and
+// the size the reply must fit (the client's UDP buffer; 64 KiB over TCP).
 type wireKey struct {
 	name  string
 	qtype uint16
 	edns  bool
 	do    bool
+	size  int
 }
 
-// writeWire sends a packed answer with this request's id and RD bit; false
-// when it does not fit the client's UDP buffer.
-func writeWire(w dns.ResponseWriter, r *dns.Msg, state request.Request, packed []byte) bool {
-	if state.Proto() == "udp" && len(packed) > state.Size() {
-		return false
-	}
+// writeWire sends a packed answer with this request's id and RD bit.
+func writeWire(w dns.ResponseWriter, r *dns.Msg, packed []byte) {
 	out := make([]byte, len(packed))
 	copy(out, packed)
 	binary.BigEndian.PutUint16(out, r.Id)
@@ -124,7 +120,6 @@ func writeWire(w dns.ResponseWriter, r *dns.Msg, state request.Request, packed [
 		out[2] &^= 0x01
 	}
 	w.Write(out)
-	return true
 }
 
 // Name implements plugin.Handler.

@@ -3,6 +3,7 @@
 //
 //	barrierload server-path -etcd URL -dns HOST:PORT -n N [-runs R]
 //	barrierload fill -etcd URL -n N
+//	barrierload load -dns HOST:PORT -name NAME -type SRV [-c 8] [-duration 3s]
 //
 // server-path: N−1 members are claimed; N agent watches (one etcd watch
 // stream each, as each agent holds) and N stand-in plugin watches (the
@@ -17,6 +18,11 @@
 //	server-path-run N=256 run=0 watch_p50_ms=… watch_p99_ms=… answer_p50_ms=… answer_p99_ms=… answer_max_ms=… queries_per_agent=…
 //
 // fill: claims members 0..N-1 (for the client-path measurement) and exits.
+//
+// load: a DNS load generator for answers too large for dnsperf's 4096-byte
+// EDNS0 buffer (and its TCP mode): C workers ask NAME over UDP with a
+// 65000-byte buffer, one question at a time each, for the duration; prints
+// "load qps=... latency_ms=... truncated=... errors=...".
 //
 // Traffic goes only to the given endpoints; every wait is bounded.
 package main
@@ -60,6 +66,10 @@ func main() {
 	fs.IntVar(&c.runs, "runs", 3, "barriers to time")
 	fs.BoolVar(&c.standins, "standins", true, "open N plugin watches besides the real CoreDNS's")
 	fs.DurationVar(&c.timeout, "timeout", 60*time.Second, "bound on each barrier")
+	name := fs.String("name", "", "load: the name to ask")
+	qtype := fs.String("type", "SRV", "load: the query type")
+	workers := fs.Int("c", 8, "load: concurrent workers")
+	duration := fs.Duration("duration", 3*time.Second, "load: how long")
 	fs.Parse(os.Args[2:])
 
 	var err error
@@ -68,6 +78,8 @@ func main() {
 		err = serverPath(c)
 	case "fill":
 		err = fill(c)
+	case "load":
+		err = load(c.dnsAddr, *name, dns.StringToType[*qtype], *workers, *duration)
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -453,4 +465,68 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 func pct(sorted []float64, p int) float64 {
 	i := min(len(sorted)-1, len(sorted)*p/100)
 	return sorted[i]
+}
+
+func load(addr, name string, qtype uint16, workers int, duration time.Duration) error {
+	if name == "" || qtype == 0 {
+		return fmt.Errorf("load needs -name and a known -type")
+	}
+	type tally struct {
+		done, truncated, errors int
+		latency                 time.Duration
+	}
+	tallies := make([]tally, workers)
+	end := time.Now().Add(duration)
+	var wg sync.WaitGroup
+	for i := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &dns.Client{Net: "udp", Timeout: 2 * time.Second, UDPSize: 65000}
+			co, err := client.Dial(addr)
+			if err != nil {
+				tallies[i].errors++
+				return
+			}
+			defer co.Close()
+			m := new(dns.Msg)
+			m.SetQuestion(dns.Fqdn(name), qtype)
+			m.SetEdns0(65000, false)
+			for time.Now().Before(end) {
+				m.Id = dns.Id()
+				start := time.Now()
+				co.SetDeadline(start.Add(2 * time.Second))
+				if err := co.WriteMsg(m); err != nil {
+					tallies[i].errors++
+					continue
+				}
+				var h dns.Header
+				if _, err := co.ReadMsgHeader(&h); err != nil || h.Id != m.Id {
+					tallies[i].errors++
+					continue
+				}
+				tallies[i].latency += time.Since(start)
+				tallies[i].done++
+				if h.Bits&(1<<9) != 0 {
+					tallies[i].truncated++
+				}
+			}
+		}()
+	}
+	started := time.Now()
+	wg.Wait()
+	elapsed := time.Since(started)
+	var total tally
+	for _, t := range tallies {
+		total.done += t.done
+		total.truncated += t.truncated
+		total.errors += t.errors
+		total.latency += t.latency
+	}
+	if total.done == 0 {
+		return fmt.Errorf("no answers (%d errors)", total.errors)
+	}
+	fmt.Printf("load qps=%.0f latency_ms=%.3f truncated=%d errors=%d\n",
+		float64(total.done)/elapsed.Seconds(), ms(total.latency)/float64(total.done), total.truncated, total.errors)
+	return nil
 }
