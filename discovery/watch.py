@@ -1,10 +1,10 @@
 """Follow the cluster's membership in etcd, so the barrier knows when to look.
 
 The agent already talks to etcd; a watch on the membership prefix tells it
-the moment a peer claims (or loses) a name. ``MembershipWatch`` wakes the
-barrier on every change and keeps the set of members etcd holds, so the
-barrier asks CoreDNS only when etcd holds every expected member, instead of
-once per peer event. A broken watch stream (etcd restarted) is not trusted:
+the moment a peer claims (or loses) a name. ``MembershipWatch`` keeps the
+set of members etcd holds and wakes the barrier when that set becomes
+complete (or stops being complete), so the barrier asks CoreDNS only when
+etcd holds every expected member, instead of once per peer event. A broken watch stream (etcd restarted) is not trusted:
 ``missing`` then names nobody and the barrier falls back to polling DNS.
 
 The watch goes through etcd's HTTP/JSON gateway (``/v3/kv/range`` then
@@ -174,10 +174,16 @@ class MembershipWatch:
                 if not events:
                     continue
                 with self._lock:
+                    was_complete = not self._missing
                     for event in events:
                         key = base64.b64decode(event["kv"]["key"]).decode()
                         self._apply(key, present=event.get("type") != "DELETE")
-                self.wake.set()
+                    changed = was_complete != (not self._missing)
+                # The barrier has nothing to do while etcd still lacks
+                # someone: wake it only when the set becomes complete (or
+                # stops being so), not once per claim.
+                if changed:
+                    self.wake.set()
         except (OSError, ValueError, KeyError, http.client.HTTPException, WatchError) as exc:
             if self._stopping.is_set():
                 return

@@ -3,6 +3,7 @@ package tfzone
 import (
 	"context"
 	"encoding/binary"
+	"sync"
 
 	"github.com/coredns/coredns/plugin"
 	"github.com/coredns/coredns/request"
@@ -10,34 +11,58 @@ import (
 	"github.com/miekg/dns"
 )
 
+// maxKept bounds the packed answers kept per view: questions for names that
+// do not exist could otherwise grow it until the next change.
+const maxKept = 4096
+
 // ServeDNS implements plugin.Handler; it answers as the etcd plugin does
 // (plugin/etcd/handler.go), through CoreDNS's generic ServiceBackend look-ups.
+//
+// One view serves the whole query. A positive answer built from it is kept
+// with it as wire bytes: N agents asking for the membership set at the same
+// moment cost one build and one packing (the first builds, the others wait
+// for it), and a change of the set (a new view) starts afresh.
 func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg) (int, error) {
-	opt := plugin.Options{}
 	state := request.Request{W: w, Req: r}
-
 	zone := plugin.Zones(t.Zones).Matches(state.Name())
 	if zone == "" {
 		return plugin.NextOrFailure(t.Name(), t.Next, ctx, w, r)
 	}
-
-	// One snapshot serves the whole query. A positive answer built from it
-	// is kept with it as wire bytes, so N agents asking for the same
-	// membership set at the same moment cost one build and one packing, and
-	// a change of the set (a new snapshot) starts afresh.
 	view := t.view.Load()
-	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do(), state.Size()}
-	if packed, ok := view.wire.Load(key); ok {
-		writeWire(w, r, packed.([]byte))
-		return dns.RcodeSuccess, nil
-	}
 	ctx = context.WithValue(ctx, viewKey{}, view)
+	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do(), state.Size()}
+	if kept := view.kept(key); kept != nil {
+		kept.once.Do(func() { kept.packed = t.pack(ctx, state, zone, key.size) })
+		if kept.packed != nil {
+			writeWire(w, r, kept.packed)
+			return dns.RcodeSuccess, nil
+		}
+	}
+	return t.serve(ctx, w, state, zone)
+}
 
-	var (
-		records, extra []dns.RR
-		truncated      bool
-		err            error
-	)
+// keptAnswer is one question's packed positive answer for one view; packed
+// stays nil when the answer is not positive (it is then served afresh).
+type keptAnswer struct {
+	once   sync.Once
+	packed []byte
+}
+
+// kept returns the view's entry for key, creating it while there is room.
+func (s *snapshot) kept(key wireKey) *keptAnswer {
+	if v, ok := s.wire.Load(key); ok {
+		return v.(*keptAnswer)
+	}
+	if s.keptCount.Add(1) > maxKept {
+		return nil
+	}
+	v, _ := s.wire.LoadOrStore(key, &keptAnswer{})
+	return v.(*keptAnswer)
+}
+
+// lookup runs the generic backend look-up for the question's type.
+func (t *TFZone) lookup(ctx context.Context, state request.Request, zone string) (records, extra []dns.RR, truncated bool, err error) {
+	opt := plugin.Options{}
 	switch state.QType() {
 	case dns.TypeA:
 		records, truncated, err = plugin.A(ctx, t, zone, state, nil, opt)
@@ -61,9 +86,37 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		// A look-up tells NODATA from NXDOMAIN.
 		_, _, err = plugin.A(ctx, t, zone, state, nil, opt)
 	}
+	return records, extra, truncated, err
+}
+
+// pack builds the positive answer and packs it for a reply of at most size
+// bytes (truncated, TC set, when it cannot fit: as the server's writer
+// would); nil when the answer is not positive.
+func (t *TFZone) pack(ctx context.Context, state request.Request, zone string, size int) []byte {
+	records, extra, truncated, err := t.lookup(ctx, state, zone)
+	if err != nil || len(records) == 0 {
+		return nil
+	}
+	m := reply(state.Req, records, extra, truncated)
+	if opt := state.Req.IsEdns0(); opt != nil {
+		m.SetEdns0(opt.UDPSize(), opt.Do())
+	}
+	m.Compress = true
+	m.Truncate(size)
+	packed, err := m.Pack()
+	if err != nil {
+		return nil
+	}
+	return packed
+}
+
+// serve answers without keeping anything: negative answers and errors.
+func (t *TFZone) serve(ctx context.Context, w dns.ResponseWriter, state request.Request, zone string) (int, error) {
+	opt := plugin.Options{}
+	records, extra, truncated, err := t.lookup(ctx, state, zone)
 	if err != nil && t.IsNameError(err) {
 		if t.Fall.Through(state.Name()) {
-			return plugin.NextOrFailure(t.Name(), t.Next, ctx, w, r)
+			return plugin.NextOrFailure(t.Name(), t.Next, ctx, w, state.Req)
 		}
 		return plugin.BackendError(ctx, t, zone, dns.RcodeNameError, state, nil, opt)
 	}
@@ -73,32 +126,24 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	if len(records) == 0 {
 		return plugin.BackendError(ctx, t, zone, dns.RcodeSuccess, state, nil, opt)
 	}
+	w.WriteMsg(reply(state.Req, records, extra, truncated))
+	return dns.RcodeSuccess, nil
+}
+
+func reply(r *dns.Msg, records, extra []dns.RR, truncated bool) *dns.Msg {
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.Truncated = truncated
 	m.Authoritative = true
 	m.Answer = records
 	m.Extra = extra
-	if opt := r.IsEdns0(); opt != nil {
-		m.SetEdns0(opt.UDPSize(), opt.Do())
-	}
-	// Packed once for this snapshot and this client's buffer: truncated (TC
-	// set) when it cannot fit, as the server's writer would.
-	m.Compress = true
-	m.Truncate(key.size)
-	packed, err := m.Pack()
-	if err != nil {
-		return plugin.BackendError(ctx, t, zone, dns.RcodeServerFailure, state, err, opt)
-	}
-	view.wire.Store(key, packed)
-	writeWire(w, r, packed)
-	return dns.RcodeSuccess, nil
+	return m
 }
 
-// viewKey carries the query's snapshot to Records, so that one query reads one state.
+// viewKey carries the query's view to Records, so that one query reads one state.
 type viewKey struct{}
 
-// wireKey is what a packed answer depends on besides the snapshot: the
+// wireKey is what a packed answer depends on besides the view: the
 // question as asked (case kept, so the echoed question matches), EDNS0, and
 // the size the reply must fit (the client's UDP buffer; 64 KiB over TCP).
 type wireKey struct {

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/coredns/coredns/plugin/etcd/msg"
 )
@@ -21,8 +22,9 @@ type entry struct {
 // wire holds the packed answers built from this snapshot (see handler.go):
 // it lives and dies with the snapshot, so it never serves an older state.
 type snapshot struct {
-	entries []entry
-	wire    sync.Map // wireKey -> []byte
+	entries   []entry
+	wire      sync.Map // wireKey -> *keptAnswer
+	keptCount atomic.Int64
 }
 
 // decode parses a SkyDNS JSON value as the etcd plugin does (plugin/etcd
