@@ -4,8 +4,9 @@ The agent already talks to etcd; a watch on the membership prefix tells it
 the moment a peer claims (or loses) a name. ``MembershipWatch`` keeps the
 set of members etcd holds and wakes the barrier when that set becomes
 complete (or stops being complete), so the barrier asks CoreDNS only when
-etcd holds every expected member, instead of once per peer event. A broken watch stream (etcd restarted) is not trusted:
-``missing`` then names nobody and the barrier falls back to polling DNS.
+etcd holds every expected member, instead of once per peer event. A broken
+watch stream (etcd restarted) is not trusted: ``missing`` then names nobody
+and the barrier falls back to polling DNS.
 
 The watch goes through etcd's HTTP/JSON gateway (``/v3/kv/range`` then
 ``/v3/watch`` from the next revision, on the client port), read with the
