@@ -190,6 +190,7 @@ class Agent:
             check_system_resolver=self.config.check_system_resolver,
             wake=self._barrier_wake,
             etcd_missing=watch.missing,
+            etcd_revision=watch.revision,
         )
         # The lease must be kept alive while we wait: the barrier may outlast it.
         keeper = threading.Thread(

@@ -14,9 +14,11 @@ warm and nothing to spread out. ``spread`` (default 0) can still delay each
 agent by a random fraction of it, for a name server that builds each answer
 from etcd. The query goes over TCP at once when the expected members cannot
 fit in a UDP answer, so each poll is one query. CoreDNS follows etcd through
-its own watch, a moment behind; if its answer still lacks a member that etcd
-holds, the barrier asks again after ``settle`` (doubling), not after the
-ordinary back-off.
+its own watch, a moment behind: the question carries the etcd revision at
+which this agent saw the set complete (``etcd_revision``), and tfzone
+answers once its own watch has reached it. Should an answer still lack a
+member that etcd holds, the barrier asks again after ``settle`` (doubling),
+not after the ordinary back-off.
 
 The barrier passes when the SRV answer lists every expected member, and then
 - unless turned off for hosts whose system resolver does not use CoreDNS -
@@ -71,6 +73,7 @@ class Barrier:
         check_system_resolver: bool = True,
         wake: threading.Event | None = None,
         etcd_missing: Callable[[], list[str]] | None = None,
+        etcd_revision: Callable[[], int] | None = None,
         interval: float = 0.1,
         max_interval: float = 2.0,
         progress_every: float = 10.0,
@@ -86,6 +89,7 @@ class Barrier:
         self.check_system_resolver = check_system_resolver
         self.wake = wake if wake is not None else threading.Event()
         self.etcd_missing = etcd_missing
+        self.etcd_revision = etcd_revision
         self.interval = interval
         self.max_interval = max_interval
         self.progress_every = progress_every
@@ -146,7 +150,10 @@ class Barrier:
         """(all endpoints, []) when the barrier holds, else (None, missing labels)."""
         self.polls += 1
         try:
-            members = self.dns.members(self.zone, expected=len(self.expected))
+            revision = self.etcd_revision() if self.etcd_revision is not None else None
+            members = self.dns.members(
+                self.zone, expected=len(self.expected), min_revision=revision
+            )
         except DNSQueryError as exc:
             log.debug("barrier poll failed: %s", exc)
             return None, sorted(m.label for m in self.expected)

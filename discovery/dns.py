@@ -49,6 +49,9 @@ _SRV_FIXED = struct.Struct("!HHH")
 # record and one glue A record (77 bytes measured with dig at 64 members,
 # room left for long labels). A server that packs more loosely still gets
 # a truncated UDP answer followed by TCP: a second query, never a wrong one.
+# The tfzone plugin's EDNS0 option (local use range): "answer from a view at
+# this etcd revision or later" (8 bytes, big endian); see coredns/tfzone.
+REVISION_OPTION = 65001
 _ANSWER_OVERHEAD = 96
 _BYTES_PER_MEMBER = 96
 
@@ -139,13 +142,20 @@ class DNSClient:
             raise DNSServerError(name, qtype, str(rcode))
         return reply
 
-    def ask_raw(self, name: str, qtype: str, tcp: bool = False) -> bytes:
+    def ask_raw(
+        self, name: str, qtype: str, tcp: bool = False, min_revision: int | None = None
+    ) -> bytes:
         """The raw reply to one question: over UDP, then TCP if truncated (or
-        over TCP at once); raises DNSAnswerTooLarge if TCP truncates too."""
+        over TCP at once); raises DNSAnswerTooLarge if TCP truncates too.
+        ``min_revision`` asks tfzone for an answer reflecting at least that
+        etcd revision (other servers ignore the option)."""
         deadline = time.monotonic() + self.timeout
         request = dnslib.DNSRecord.question(name, qtype)
-        if self.edns_buffer is not None:
-            request.add_ar(dnslib.EDNS0(udp_len=self.edns_buffer))
+        if self.edns_buffer is not None or min_revision:
+            opts = []
+            if min_revision:
+                opts.append(dnslib.EDNSOption(REVISION_OPTION, struct.pack("!Q", min_revision)))
+            request.add_ar(dnslib.EDNS0(udp_len=self.edns_buffer or 512, opts=opts))
         if tcp or (name, qtype) in self._tcp_names:
             packet = self._exchange_tcp(request, deadline)
         else:
@@ -164,17 +174,21 @@ class DNSClient:
         reply = self.query(name, "A")
         return [str(rr.rdata) for rr in reply.rr if rr.rtype == dnslib.QTYPE.A]
 
-    def members(self, zone: str, expected: int | None = None) -> dict[Member, Endpoint]:
+    def members(
+        self, zone: str, expected: int | None = None, min_revision: int | None = None
+    ) -> dict[Member, Endpoint]:
         """Every registered member of the cluster, from one SRV query, sorted.
 
         ``expected`` (the cluster's size, when known) sends the query over
-        TCP at once if that many members cannot fit in a UDP answer.
+        TCP at once if that many members cannot fit in a UDP answer;
+        ``min_revision`` (the etcd revision at which the caller saw the
+        last claim) makes tfzone answer only once its own watch reached it.
         SRV targets that are not member names, and targets without a glue
         address, are skipped: they are not servers TensorFlow can dial.
         """
         tcp = expected is not None and not fits_udp(self.edns_buffer, expected)
         name = records.srv_name(zone)
-        return members_from_reply(self.ask_raw(name, "SRV", tcp), name)
+        return members_from_reply(self.ask_raw(name, "SRV", tcp, min_revision), name)
 
     def _exchange_udp(self, request: dnslib.DNSRecord, deadline: float) -> bytes:
         with socket.socket(_family(self.server[0]), socket.SOCK_DGRAM) as sock:

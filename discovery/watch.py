@@ -74,6 +74,7 @@ class MembershipWatch:
         # the whole set each time would cost O(N) per event.
         self._missing: set[str] = {member.label for member in self.expected}
         self._broken = True
+        self._revision = 0  # the latest mod_revision seen under the prefix
         self._stopping = threading.Event()
         self._conn: http.client.HTTPConnection | None = None
         self._thread: threading.Thread | None = None
@@ -81,7 +82,7 @@ class MembershipWatch:
     def start(self) -> None:
         """Read what is there at revision R, then watch from R + 1 (so no claim is missed)."""
         try:
-            revision, keys = self._list()
+            revision, keys, latest = self._list()
             conn, stream = self._open(revision + 1)
         except (OSError, ValueError, KeyError, http.client.HTTPException, WatchError) as exc:
             # The watch only saves DNS queries; polling still works.
@@ -90,6 +91,7 @@ class MembershipWatch:
         with self._lock:
             for key in keys:
                 self._apply(key, present=True)
+            self._revision = latest
             self._broken = False
         self._conn = conn
         self._thread = threading.Thread(
@@ -97,6 +99,11 @@ class MembershipWatch:
         )
         self._thread.start()
         self.wake.set()
+
+    def revision(self) -> int:
+        """The etcd revision of the latest change seen (0 before any)."""
+        with self._lock:
+            return self._revision
 
     def missing(self) -> list[str]:
         """Expected members etcd does not hold; empty also when the watch cannot tell."""
@@ -123,7 +130,8 @@ class MembershipWatch:
         conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         return conn.getresponse()
 
-    def _list(self) -> tuple[int, list[str]]:
+    def _list(self) -> tuple[int, list[str], int]:
+        """(the read's revision, the keys, the latest mod_revision among them)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             body = {
@@ -135,8 +143,10 @@ class MembershipWatch:
             data = json.loads(response.read())
             if response.status != 200:
                 raise WatchError(f"range: HTTP {response.status}: {data}")
-            keys = [base64.b64decode(kv["key"]).decode() for kv in data.get("kvs", [])]
-            return int(data["header"]["revision"]), keys
+            kvs = data.get("kvs", [])
+            keys = [base64.b64decode(kv["key"]).decode() for kv in kvs]
+            latest = max((int(kv.get("mod_revision", 0)) for kv in kvs), default=0)
+            return int(data["header"]["revision"]), keys, latest
         finally:
             conn.close()
 
@@ -179,6 +189,8 @@ class MembershipWatch:
                     for event in events:
                         key = base64.b64decode(event["kv"]["key"]).decode()
                         self._apply(key, present=event.get("type") != "DELETE")
+                        revision = int(event["kv"].get("mod_revision", 0))
+                        self._revision = max(self._revision, revision)
                     changed = was_complete != (not self._missing)
                 # The barrier has nothing to do while etcd still lacks
                 # someone: wake it only when the set becomes complete (or

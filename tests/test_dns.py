@@ -233,3 +233,16 @@ def test_parse_server(text, server):
 def test_parse_server_rejects_bad_ports(text):
     with pytest.raises(ValueError):
         dns.parse_server(text)
+
+
+def test_an_answer_at_a_revision_includes_every_write_up_to_it(client, etcd, clean_cluster):
+    # No waiting for CoreDNS here: the question itself asks for the revision.
+    path = records.cluster_path(TEST_CLUSTER)
+    revision = 0
+    for i in range(20):
+        value = records.record_value(f"127.0.50.{i + 1}", 2222, ttl=5)
+        response = etcd.put(records.srv_key(path, TEST_ZONE, Member("worker", i)), value)
+        revision = response.header.revision
+    found = client.members(TEST_ZONE, expected=20, min_revision=revision)
+    assert len(found) == 20
+    assert client.queries_sent == 1

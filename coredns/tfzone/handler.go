@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"sync"
+	"time"
 
 	"github.com/coredns/coredns/plugin"
 	"github.com/coredns/coredns/request"
@@ -14,6 +15,30 @@ import (
 // maxKept bounds the packed answers kept per view: questions for names that
 // do not exist could otherwise grow it until the next change.
 const maxKept = 4096
+
+// RevisionOption is the EDNS0 option (local use range) by which a client
+// asks for an answer that reflects at least an etcd revision: 8 bytes, big
+// endian. An agent that saw the last member's claim at revision R in its own
+// watch asks with R, and the question waits (at most RevisionWait) for this
+// plugin's watch to reach R, so one question gets the complete answer.
+const RevisionOption = 65001
+
+// RevisionWait bounds how long a question waits for a revision.
+const RevisionWait = time.Second
+
+// requestedRevision is the revision a request asks for, 0 if none.
+func requestedRevision(r *dns.Msg) int64 {
+	opt := r.IsEdns0()
+	if opt == nil {
+		return 0
+	}
+	for _, o := range opt.Option {
+		if local, ok := o.(*dns.EDNS0_LOCAL); ok && local.Code == RevisionOption && len(local.Data) == 8 {
+			return int64(binary.BigEndian.Uint64(local.Data)) // #nosec G115 -- etcd revisions are int64
+		}
+	}
+	return 0
+}
 
 // ServeDNS implements plugin.Handler; it answers as the etcd plugin does
 // (plugin/etcd/handler.go), through CoreDNS's generic ServiceBackend look-ups.
@@ -29,6 +54,9 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		return plugin.NextOrFailure(t.Name(), t.Next, ctx, w, r)
 	}
 	view := t.view.Load()
+	if want := requestedRevision(r); want > view.rev {
+		view = t.viewAt(ctx, want, RevisionWait)
+	}
 	ctx = context.WithValue(ctx, viewKey{}, view)
 	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do(), state.Size()}
 	if kept := view.kept(key); kept != nil {

@@ -22,6 +22,7 @@ type entry struct {
 // wire holds the packed answers built from this snapshot (see handler.go):
 // it lives and dies with the snapshot, so it never serves an older state.
 type snapshot struct {
+	rev       int64 // the etcd revision the view reflects
 	entries   []entry
 	wire      sync.Map // wireKey -> *keptAnswer
 	keptCount atomic.Int64

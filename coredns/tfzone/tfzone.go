@@ -49,17 +49,50 @@ type TFZone struct {
 	Upstream *upstream.Upstream
 	Client   *etcdcv3.Client
 
-	view   atomic.Pointer[snapshot]
-	synced atomic.Bool
-	cancel context.CancelFunc
-	done   chan struct{}
+	view    atomic.Pointer[snapshot]
+	changed atomic.Pointer[chan struct{}] // closed when the view is replaced
+	synced  atomic.Bool
+	cancel  context.CancelFunc
+	done    chan struct{}
 }
 
 // New returns a plugin with an empty view; Start fills it.
 func New() *TFZone {
 	t := &TFZone{PathPrefix: "skydns", TTL: defaultTTL, Upstream: upstream.New()}
 	t.view.Store(&snapshot{})
+	changed := make(chan struct{})
+	t.changed.Store(&changed)
 	return t
+}
+
+// setView replaces the view and wakes the questions waiting for a revision.
+func (t *TFZone) setView(view *snapshot) {
+	t.view.Store(view)
+	next := make(chan struct{})
+	close(*t.changed.Swap(&next))
+}
+
+// viewAt returns a view at revision want or later, waiting at most wait for
+// the watch to deliver it (then the latest view, whatever its revision).
+func (t *TFZone) viewAt(ctx context.Context, want int64, wait time.Duration) *snapshot {
+	var timer <-chan time.Time
+	for {
+		changed := *t.changed.Load()
+		view := t.view.Load()
+		if view.rev >= want {
+			return view
+		}
+		if timer == nil {
+			timer = time.After(wait)
+		}
+		select {
+		case <-changed:
+		case <-timer:
+			return t.view.Load()
+		case <-ctx.Done():
+			return t.view.Load()
+		}
+	}
 }
 
 // prefix is the etcd prefix watched: the path, with a trailing slash.
@@ -121,7 +154,7 @@ func (t *TFZone) list(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	view := &snapshot{entries: make([]entry, 0, len(resp.Kvs))}
+	view := &snapshot{rev: resp.Header.Revision, entries: make([]entry, 0, len(resp.Kvs))}
 	for _, kv := range resp.Kvs { // etcd returns a prefix range sorted by key
 		serv, err := decode(string(kv.Key), kv.Value)
 		if err != nil {
@@ -130,7 +163,7 @@ func (t *TFZone) list(ctx context.Context) (int64, error) {
 		}
 		view.entries = append(view.entries, entry{string(kv.Key), serv})
 	}
-	t.view.Store(view)
+	t.setView(view)
 	return resp.Header.Revision, nil
 }
 
@@ -158,7 +191,7 @@ func (t *TFZone) follow(ctx context.Context, rev int64) {
 			}
 			view = view.with(key, serv)
 		}
-		t.view.Store(view)
+		t.setView(&snapshot{rev: resp.Header.Revision, entries: view.entries})
 	}
 }
 

@@ -2,8 +2,10 @@ package tfzone
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/coredns/coredns/plugin/etcd/msg"
 	"github.com/coredns/coredns/plugin/test"
@@ -211,5 +213,44 @@ func BenchmarkSRV256(b *testing.B) {
 		if _, err := z.ServeDNS(context.Background(), w, req); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+func TestAQuestionWaitsForTheRevisionItAsksFor(t *testing.T) {
+	z := newZone()
+	fill(t, z, member("ps0", "127.0.9.1"))
+	z.setView(&snapshot{rev: 10, entries: z.view.Load().entries})
+	ask := func() *dns.Msg {
+		req := new(dns.Msg)
+		req.SetQuestion("_tensorflow._tcp.tensorflow.local.", dns.TypeSRV)
+		req.SetEdns0(65000, false)
+		data := make([]byte, 8)
+		binary.BigEndian.PutUint64(data, 11)
+		opt := req.IsEdns0()
+		opt.Option = append(opt.Option, &dns.EDNS0_LOCAL{Code: RevisionOption, Data: data})
+		rec := &recorder{}
+		z.ServeDNS(context.Background(), rec, req)
+		return rec.msg
+	}
+	done := make(chan *dns.Msg)
+	go func() { done <- ask() }()
+	select {
+	case m := <-done:
+		t.Fatalf("answered before revision 11 arrived: %v", m)
+	case <-time.After(50 * time.Millisecond):
+	}
+	view := z.view.Load()
+	for key, value := range member("worker0", "127.0.9.2") {
+		serv, _ := decode(key, []byte(value))
+		view = view.with(key, serv)
+	}
+	z.setView(&snapshot{rev: 11, entries: view.entries})
+	select {
+	case m := <-done:
+		if len(m.Answer) != 2 {
+			t.Fatalf("answer at revision 11: %d members, want 2", len(m.Answer))
+		}
+	case <-time.After(RevisionWait):
+		t.Fatal("no answer after revision 11 arrived")
 	}
 }

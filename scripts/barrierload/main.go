@@ -29,6 +29,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"flag"
 	"fmt"
 	"net"
@@ -338,6 +339,7 @@ func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, read
 	}
 	watch := cli.Watch(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1), clientv3.WithCreatedNotify())
 	var seen time.Time
+	var revision int64 // mod_revision of the claim that completed the set
 	for wr := range watch {
 		if wr.Created {
 			signal()
@@ -347,6 +349,7 @@ func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, read
 			return agentResult{err: err}
 		}
 		for _, ev := range wr.Events {
+			revision = max(revision, ev.Kv.ModRevision)
 			present[string(ev.Kv.Key)] = ev.Type == clientv3.EventTypePut
 			if ev.Type == clientv3.EventTypeDelete {
 				delete(present, string(ev.Kv.Key))
@@ -366,7 +369,7 @@ func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, read
 	}
 	settle := 5 * time.Millisecond
 	for queries := 1; ; queries++ {
-		hdr, err := askHeader(network, c.dnsAddr, c.srvName(), uint16(ednsBuffer(isLoopback(c.dnsAddr))))
+		hdr, err := askHeader(network, c.dnsAddr, c.srvName(), uint16(ednsBuffer(isLoopback(c.dnsAddr))), revision)
 		if err == nil && hdr.Truncated && network == "udp" {
 			network = "tcp"
 			continue
@@ -393,7 +396,9 @@ type header struct {
 }
 
 // askHeader sends one SRV question and reads the reply's header only.
-func askHeader(network, addr, name string, buffer uint16) (header, error) {
+// revision is sent in tfzone's EDNS0 option (65001): answer from a view at
+// that etcd revision or later, as the agent's DNS client does.
+func askHeader(network, addr, name string, buffer uint16, revision int64) (header, error) {
 	client := &dns.Client{Net: network, Timeout: 5 * time.Second}
 	co, err := client.Dial(addr)
 	if err != nil {
@@ -404,6 +409,12 @@ func askHeader(network, addr, name string, buffer uint16) (header, error) {
 	m := new(dns.Msg)
 	m.SetQuestion(name, dns.TypeSRV)
 	m.SetEdns0(buffer, false)
+	if revision > 0 {
+		data := make([]byte, 8)
+		binary.BigEndian.PutUint64(data, uint64(revision))
+		opt := m.IsEdns0()
+		opt.Option = append(opt.Option, &dns.EDNS0_LOCAL{Code: 65001, Data: data})
+	}
 	co.UDPSize = buffer
 	if err := co.WriteMsg(m); err != nil {
 		return header{}, err
