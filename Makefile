@@ -34,13 +34,17 @@ lint: setup
 	$(VENV)/bin/mypy $(TYPECHECK)/tfcluster
 
 test: setup lint
+	cd coredns && go test ./tfzone/
 	$(PY) -m pytest
 
 demo: setup
 	$(PY) scripts/demo
 
+# The barrier (server path, client path, predicted, all-in-one, naive), then
+# CoreDNS's serving cost (tfzone against a static zone; dnsperf).
 bench: setup
 	$(PY) scripts/bench_barrier
+	$(PY) scripts/bench_serving
 
 clean:
 	-scripts/local-stack down

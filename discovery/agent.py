@@ -15,6 +15,9 @@ States and transitions (``Agent.run`` walks them in order)::
     CONFIGURE  write TF_CONFIG (names or addresses)  -> SERVE
     SERVE      the TF server (ps, worker) or the chief's program runs as a
                child process; the lease is kept alive every lease_ttl/3.
+               A ps or worker's TF process is started right after the claim
+               and imports TensorFlow while the barrier waits; CONFIGURE
+               then tells it to start (a line on its stdin).
                lease lost (expired while etcd was cut off)   -> claim again
                name taken meanwhile                  -> stop child, exit 4
                SIGTERM / SIGINT (``shutdown()``)      -> STOP
@@ -30,6 +33,8 @@ at once. etcd restarting keeps its leases, so agents just keep refreshing.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +64,11 @@ EXIT_NAME_TAKEN = 4
 EXIT_BARRIER_TIMEOUT = 5
 EXIT_ETCD = 6
 EXIT_SERVER_FAILED = 7
+
+# Set to 0 to start a ps or worker's TensorFlow only after the barrier (as
+# before the overlap): for hosts that cannot spare its memory while waiting,
+# and for measuring what the overlap saves.
+PRELOAD_ENV = "TFCLUSTER_PRELOAD_TF"
 
 
 class AgentExit(Exception):
@@ -120,6 +130,7 @@ class Agent:
             self.identity = identity
             self._claim(identity)
             try:
+                self._preload(identity)
                 members = self._barrier(identity)
                 if self.stopping.is_set():
                     return self._result(EXIT_OK, "stopped before the barrier passed")
@@ -166,7 +177,11 @@ class Agent:
     def _barrier(self, identity: Identity) -> dict[records.Member, Endpoint]:
         expected = self.config.members()
         watch = MembershipWatch(
-            self.etcd, self.config.cluster, self.config.zone, expected, self._barrier_wake
+            self.config.etcd_endpoints[0],
+            self.config.cluster,
+            self.config.zone,
+            expected,
+            self._barrier_wake,
         )
         watch.start()
         barrier = Barrier(
@@ -176,6 +191,7 @@ class Agent:
             check_system_resolver=self.config.check_system_resolver,
             wake=self._barrier_wake,
             etcd_missing=watch.missing,
+            etcd_revision=watch.revision,
         )
         # The lease must be kept alive while we wait: the barrier may outlast it.
         keeper = threading.Thread(
@@ -202,9 +218,33 @@ class Agent:
         write_tf_config(self.config.tf_config_path, spec, member.role, member.index)
         log.info("wrote TF_CONFIG to %s", self.config.tf_config_path)
 
+    def _preload(self, identity: Identity) -> None:
+        """Start a ps or worker's TF process now: it imports TensorFlow while
+        the barrier waits, and starts its server when _serve says go."""
+        if not self.start_server or identity.member.role == "chief":
+            return
+        if os.environ.get(PRELOAD_ENV, "1") == "0":
+            log.info("%s=0: TensorFlow starts after the barrier", PRELOAD_ENV)
+            return
+        argv = [sys.executable, "-m", "tfcluster.discovery.tfserver"]
+        argv += ["--tf-config", str(self.config.tf_config_path), "--wait-config"]
+        self.child = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, env=etcdclient.child_environment()
+        )
+        log.info("started %s (pid %d); it waits for TF_CONFIG", " ".join(argv), self.child.pid)
+
     def _serve(self, identity: Identity) -> AgentResult:
-        child = None
-        if self.start_server:
+        child = self.child
+        if child is not None and child.stdin is not None:
+            try:
+                child.stdin.write(b"go\n")
+                child.stdin.close()
+            except OSError as exc:  # it died while importing; its status tells why
+                log.error("TensorFlow process gone before its start: %s", exc)
+            log.info("told the TensorFlow process (pid %d) to start", child.pid)
+            threading.Thread(target=self._watch_child, args=(child,), daemon=True).start()
+            self._report_listening(identity)
+        elif self.start_server:
             argv = [sys.executable, "-m", "tfcluster.discovery.tfserver"]
             argv += ["--tf-config", str(self.config.tf_config_path)]
             if self.config.program and identity.member.role == "chief":
@@ -212,6 +252,8 @@ class Agent:
             child = self.child = subprocess.Popen(argv, env=etcdclient.child_environment())
             log.info("started %s (pid %d)", " ".join(argv), child.pid)
             threading.Thread(target=self._watch_child, args=(child,), daemon=True).start()
+            if identity.member.role != "chief":
+                self._report_listening(identity)
         self._keep_alive_until(identity, lambda: child is not None and child.poll() is not None)
         if child is None or child.poll() is None:
             return self._result(EXIT_OK, f"{identity.member.label} stopped")
@@ -220,6 +262,37 @@ class Agent:
         return self._result(
             EXIT_SERVER_FAILED, f"TensorFlow process exited with status {child.returncode}"
         )
+
+    def _report_listening(self, identity: Identity, timeout: float = 120.0) -> None:
+        """Log when this task's TF server accepts connections (and how long
+        after the barrier passed), from a thread: the agent does not wait."""
+        passed = time.monotonic()
+
+        def listening() -> bool | None:
+            if self.child is None or self.child.poll() is not None or self.stopping.is_set():
+                return False
+            try:
+                with socket.create_connection((identity.ip, identity.port), timeout=1.0):
+                    return True
+            except OSError:
+                return None
+
+        def report() -> None:
+            try:
+                up = wait_for(
+                    listening, what="the TF server to listen", timeout=timeout, interval=0.01,
+                    max_interval=0.05,
+                )  # fmt: skip
+            except WaitTimeout as exc:
+                log.warning("%s", exc)
+                return
+            if up:
+                log.info(
+                    "TF server listening at %s:%d, %.3f s after the barrier passed",
+                    identity.ip, identity.port, time.monotonic() - passed,
+                )  # fmt: skip
+
+        threading.Thread(target=report, name="listening", daemon=True).start()
 
     def _watch_child(self, child: subprocess.Popen[bytes]) -> None:
         child.wait()

@@ -8,11 +8,17 @@ etcd does not hold every member yet (``etcd_missing`` names someone), the
 barrier does not ask CoreDNS at all: each agent asks about once, not once per
 peer's claim, and never caches an incomplete set in CoreDNS for the others.
 A broken watch names nobody, so the barrier falls back to polling DNS.
-Since every agent learns of the last claim
-at the same moment, each waits a random fraction of ``spread`` (2 ms per
-member, at most 1 s) before asking, so that CoreDNS builds the answer once
-and serves the rest from its one-second cache instead of building it for
-every agent at once.
+Every agent learns of the last claim at the same moment and asks at once:
+CoreDNS (the tfzone plugin) answers from memory, so there is no cache to
+warm and nothing to spread out. ``spread`` (default 0) can still delay each
+agent by a random fraction of it, for a name server that builds each answer
+from etcd. The query goes over TCP at once when the expected members cannot
+fit in a UDP answer, so each poll is one query. CoreDNS follows etcd through
+its own watch, a moment behind: the question carries the etcd revision at
+which this agent saw the set complete (``etcd_revision``), and tfzone
+answers once its own watch has reached it. Should an answer still lack a
+member that etcd holds, the barrier asks again after ``settle`` (doubling),
+not after the ordinary back-off.
 
 The barrier passes when the SRV answer lists every expected member, and then
 - unless turned off for hosts whose system resolver does not use CoreDNS -
@@ -67,10 +73,12 @@ class Barrier:
         check_system_resolver: bool = True,
         wake: threading.Event | None = None,
         etcd_missing: Callable[[], list[str]] | None = None,
+        etcd_revision: Callable[[], int] | None = None,
         interval: float = 0.1,
         max_interval: float = 2.0,
         progress_every: float = 10.0,
-        spread: float | None = None,
+        spread: float = 0.0,
+        settle: float = 0.005,
         rng: random.Random | None = None,
         resolve: Callable[[str, int], set[str]] = system_resolves,
         now: Callable[[], float] = time.monotonic,
@@ -81,10 +89,12 @@ class Barrier:
         self.check_system_resolver = check_system_resolver
         self.wake = wake if wake is not None else threading.Event()
         self.etcd_missing = etcd_missing
+        self.etcd_revision = etcd_revision
         self.interval = interval
         self.max_interval = max_interval
         self.progress_every = progress_every
-        self.spread = min(1.0, 0.002 * len(self.expected)) if spread is None else spread
+        self.spread = spread
+        self.settle = settle
         self.rng = rng if rng is not None else random.Random()
         self.resolve = resolve
         self.now = now
@@ -101,12 +111,13 @@ class Barrier:
         delay = self.interval
         not_before: float | None = None  # set once etcd holds every member
         missing: list[str] = sorted(m.label for m in self.expected)
+        behind = 0  # answers from CoreDNS that lacked members etcd holds
         while True:
             self.wake.clear()
             now = self.now()
             absent_in_etcd = self.etcd_missing() if self.etcd_missing is not None else []
             if not_before is None and not absent_in_etcd:
-                not_before = now + self.rng.uniform(0, self.spread)
+                not_before = now + (self.rng.uniform(0, self.spread) if self.spread > 0 else 0.0)
             if absent_in_etcd:
                 missing = absent_in_etcd
             elif not_before is not None and now >= not_before:
@@ -114,6 +125,8 @@ class Barrier:
                 if found is not None:
                     log.info("barrier passed: all %d members resolve", len(self.expected))
                     return found
+                if self.etcd_missing is not None:
+                    behind += 1
             now = self.now()
             if now >= deadline:
                 raise BarrierTimeout(timeout, missing)
@@ -126,6 +139,8 @@ class Barrier:
             pause = min(delay, deadline - now)
             if not_before is not None and now < not_before:
                 pause = min(pause, not_before - now)
+            elif behind and self.etcd_missing is not None and not self.etcd_missing():
+                pause = min(pause, self.settle * 2 ** min(behind - 1, 10))
             woken = self.wake.wait(pause)
             if stop is not None and stop.is_set():
                 raise InterruptedError("barrier interrupted")
@@ -135,7 +150,10 @@ class Barrier:
         """(all endpoints, []) when the barrier holds, else (None, missing labels)."""
         self.polls += 1
         try:
-            members = self.dns.members(self.zone)
+            revision = self.etcd_revision() if self.etcd_revision is not None else None
+            members = self.dns.members(
+                self.zone, expected=len(self.expected), min_revision=revision
+            )
         except DNSQueryError as exc:
             log.debug("barrier poll failed: %s", exc)
             return None, sorted(m.label for m in self.expected)

@@ -6,6 +6,7 @@ and are stopped at the end of the session whether tests passed or failed.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,13 +42,47 @@ def pinned_version(go_mod: str, module: str) -> str:
     raise AssertionError(f"{module} not pinned in {go_mod}")
 
 
+# The session stack's DNS server, once the stack fixture has started it.
+_session_dns: list[tuple[str, int]] = []
+_sync_names = itertools.count()
+
+
 def put_members(etcd: Any, members: Mapping[Member, Endpoint], lease: Any = None) -> None:
-    """Register members as the agent does: address record and SRV view entry."""
+    """Register members as the agent does: address record and SRV view entry.
+
+    Returns once the session's CoreDNS has seen the writes (see dns_caught_up).
+    """
     path = records.cluster_path(TEST_CLUSTER)
     for member, endpoint in members.items():
         value = records.record_value(endpoint.host_ip, endpoint.port, ttl=5)
         etcd.put(records.record_key(path, TEST_ZONE, member), value, lease=lease)
         etcd.put(records.srv_key(path, TEST_ZONE, member), value, lease=lease)
+    dns_caught_up(etcd)
+
+
+def dns_caught_up(etcd: Any) -> None:
+    """Wait until CoreDNS has applied every etcd write made so far.
+
+    CoreDNS answers the zone from an etcd watch, a moment behind etcd. The
+    watch delivers writes in order, so once a marker name written now
+    resolves, every earlier write is in CoreDNS's view too.
+    """
+    from tfcluster.discovery.dns import resolve_a
+    from tfcluster.discovery.waiting import wait_for
+
+    if not _session_dns:
+        return
+    name = f"sync{next(_sync_names)}.{TEST_ZONE}"
+    key = records.name_to_key(records.cluster_path(TEST_CLUSTER), name)
+    etcd.put(key, records.record_value("127.0.0.1", 0, ttl=5))
+    try:
+        wait_for(
+            lambda: resolve_a(_session_dns[0], name) or None,
+            what=f"CoreDNS to see the marker {name}",
+            timeout=5,
+        )
+    finally:
+        etcd.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +96,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.Stack
     )
     try:
         localstack.up(settings)
+        _session_dns[:] = [settings.dns_server]
         yield settings
     finally:
+        _session_dns.clear()
         localstack.down(settings.run_dir)
 
 
@@ -80,8 +117,8 @@ def etcd(stack: localstack.StackSettings) -> Any:
 def clean_cluster(stack: localstack.StackSettings, etcd: Any) -> Iterator[str]:
     """The test cluster's etcd prefix, empty before and after the test.
 
-    CoreDNS caches the membership SRV set for a second; the fixture waits
-    until CoreDNS answers it as empty, so no test sees the previous one's.
+    CoreDNS follows etcd through a watch; the fixture waits until CoreDNS
+    answers the membership set as empty, so no test sees the previous one's.
     """
     from tfcluster.discovery.dns import DNSClient, DNSQueryError
     from tfcluster.discovery.waiting import wait_for

@@ -74,7 +74,7 @@ def test_five_agents_pass_the_barrier(stack, clean_cluster, agents, tmp_path):
     for agent in agents:
         agent.signal(signal.SIGTERM)
     assert [agent.wait_exit(10) for agent in agents] == [0] * 5
-    # The membership set is cached for a second.
+    # CoreDNS follows etcd's deletes through its watch.
     wait_for(
         lambda: True if dns.members(stack.dns_server, stack.zone) == {} else None,
         what="the membership SRV set to empty",

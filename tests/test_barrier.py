@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 
 import pytest
 
-from conftest import TEST_ZONE, put_members
+from conftest import TEST_CLUSTER, TEST_ZONE, put_members
+from tfcluster.discovery import records
 from tfcluster.discovery.barrier import Barrier, BarrierTimeout
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.records import Member, parse_label
 from tfcluster.discovery.waiting import wait_for
+from tfcluster.discovery.watch import MembershipWatch
 
 CLUSTER = {
     Member("ps", 0): Endpoint("127.0.40.1", 2222),
@@ -101,3 +104,34 @@ def test_stop_interrupts_the_wait(stack, clean_cluster):
     wake.set()
     with pytest.raises(InterruptedError):
         barrier(stack, wake=wake).wait(timeout=10, stop=stop)
+
+
+def test_membership_watch_follows_claims_and_deletes(stack, etcd, clean_cluster):
+    wake = threading.Event()
+    watch = MembershipWatch(stack.etcd_endpoint, TEST_CLUSTER, TEST_ZONE, CLUSTER, wake)
+    put_members(etcd, {Member("ps", 0): CLUSTER[Member("ps", 0)]})  # before the watch: read
+    watch.start()
+    try:
+        assert sorted(watch.missing()) == sorted(m.label for m in CLUSTER if m.label != "ps0")
+        wake.clear()
+        rest = {m: e for m, e in CLUSTER.items() if m.label != "ps0"}
+        put_members(etcd, rest)  # after: watched
+        wait_for(lambda: True if not watch.missing() else None, what="every claim", timeout=5)
+        assert wake.is_set()
+        path = records.cluster_path(TEST_CLUSTER)
+        etcd.delete(records.srv_key(path, TEST_ZONE, Member("ps", 0)))
+        wait_for(lambda: watch.missing() or None, what="the delete", timeout=5)
+        assert watch.missing() == ["ps0"]
+    finally:
+        watch.stop()
+
+
+def test_membership_watch_without_etcd_names_nobody(clean_cluster):
+    wake = threading.Event()
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    watch = MembershipWatch(endpoint, TEST_CLUSTER, TEST_ZONE, CLUSTER, wake, timeout=1.0)
+    watch.start()
+    assert watch.missing() == []  # cannot tell: the barrier polls DNS instead
+    watch.stop()

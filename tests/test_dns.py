@@ -11,7 +11,7 @@ from typing import Any
 import dnslib
 import pytest
 
-from conftest import TEST_CLUSTER, TEST_ZONE, put_members
+from conftest import TEST_CLUSTER, TEST_ZONE, dns_caught_up, put_members
 from tfcluster.discovery import dns, records
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.records import Member
@@ -64,6 +64,7 @@ def test_srv_targets_that_are_not_members_are_ignored(client, etcd, clean_cluste
     path = records.cluster_path(TEST_CLUSTER)
     stray = records.name_to_key(path, "backup." + records.srv_name(TEST_ZONE))
     etcd.put(stray, records.record_value("127.0.20.8", 9999, ttl=5))
+    dns_caught_up(etcd)
 
     assert client.members(TEST_ZONE) == {Member("ps", 0): Endpoint("127.0.20.2", 2222)}
 
@@ -83,6 +84,41 @@ def test_a_large_cluster_is_answered_over_tcp_after_truncation(
     assert (client.queries_sent, client.tcp_retries) == (2, 1)
 
 
+def test_a_cluster_known_to_be_large_is_asked_over_tcp_at_once(stack, etcd, clean_cluster):
+    expected = {
+        Member("worker", i): Endpoint(f"127.0.{30 + i // 200}.{1 + i % 200}", 2222 + i)
+        for i in range(300)
+    }
+    put_members(etcd, expected)
+    client = DNSClient(stack.dns_server, timeout=TIMEOUT, edns_buffer=dns.EDNS_BUFFER)
+
+    assert client.members(TEST_ZONE, expected=len(expected)) == expected
+    assert (client.queries_sent, client.tcp_retries) == (1, 0)
+
+
+def test_a_loopback_server_answers_a_large_cluster_in_one_udp_reply(client, etcd, clean_cluster):
+    expected = {
+        Member("worker", i): Endpoint(f"127.0.{30 + i // 200}.{1 + i % 200}", 2222 + i)
+        for i in range(300)
+    }
+    put_members(etcd, expected)
+
+    assert client.edns_buffer == dns.EDNS_BUFFER_LOOPBACK
+    assert client.members(TEST_ZONE, expected=len(expected)) == expected
+    assert (client.queries_sent, client.tcp_retries) == (1, 0)
+    assert DNSClient(("10.0.0.2", 53)).edns_buffer == dns.EDNS_BUFFER  # never sent to
+
+
+def test_a_small_cluster_is_asked_over_udp(client, etcd, clean_cluster):
+    expected = {Member("worker", i): Endpoint(f"127.0.30.{1 + i}", 2222) for i in range(8)}
+    put_members(etcd, expected)
+
+    assert client.members(TEST_ZONE, expected=len(expected)) == expected
+    assert (client.queries_sent, client.tcp_retries) == (1, 0)
+    assert not dns.fits_udp(dns.EDNS_BUFFER, 300) and dns.fits_udp(dns.EDNS_BUFFER, 8)
+    assert dns.fits_udp(dns.EDNS_BUFFER_LOOPBACK, 300)
+
+
 def test_an_answer_truncated_even_over_tcp_is_an_error_not_a_partial_list(
     client, etcd, clean_cluster
 ):
@@ -92,6 +128,7 @@ def test_an_answer_truncated_even_over_tcp_is_an_error_not_a_partial_list(
     for i in range(1500):
         value = records.record_value(f"127.1.{i // 200}.{1 + i % 200}", 2222, ttl=5)
         etcd.put(records.srv_key(path, TEST_ZONE, Member("worker", i)), value)
+    dns_caught_up(etcd)
 
     with pytest.raises(dns.DNSAnswerTooLarge):
         client.members(TEST_ZONE)
@@ -196,3 +233,16 @@ def test_parse_server(text, server):
 def test_parse_server_rejects_bad_ports(text):
     with pytest.raises(ValueError):
         dns.parse_server(text)
+
+
+def test_an_answer_at_a_revision_includes_every_write_up_to_it(client, etcd, clean_cluster):
+    # No waiting for CoreDNS here: the question itself asks for the revision.
+    path = records.cluster_path(TEST_CLUSTER)
+    revision = 0
+    for i in range(20):
+        value = records.record_value(f"127.0.50.{i + 1}", 2222, ttl=5)
+        response = etcd.put(records.srv_key(path, TEST_ZONE, Member("worker", i)), value)
+        revision = response.header.revision
+    found = client.members(TEST_ZONE, expected=20, min_revision=revision)
+    assert len(found) == 20
+    assert client.queries_sent == 1

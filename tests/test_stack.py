@@ -98,10 +98,10 @@ def test_coredns_build_has_exactly_our_plugins(stack, flag):
         [str(stack.bin_dir / "coredns"), flag], capture_output=True, text=True, check=True
     ).stdout.split()
     ours = {"reload", "bind", "ready", "health", "prometheus", "errors", "log", "cache",
-            "hosts", "etcd", "loop", "forward"}  # fmt: skip
+            "hosts", "file", "etcd", "tfzone", "loop", "forward"}  # fmt: skip
     # Registered as a side effect of core/dnsserver, log/cache (metadata) and
     # forward (dnstap): they cannot be left out without patching CoreDNS.
-    pulled_in = {"debug", "dnstap", "metadata"}
+    pulled_in = {"debug", "dnstap", "metadata", "transfer"}
     assert set(out) == ours | pulled_in
 
 
