@@ -219,8 +219,13 @@ def test_loopback_mode_boots_a_cluster_on_loopback_addresses() -> None:
     looped = LocalCloud(LOOPBACK_CLUSTER, loopback=True)
     looped.down()
     try:
-        config = looped.prepare({"chief": 0, "ps": 1, "workers": 1})
-        looped.up(config)
+        # Through the command, as a user types it: it returns once every barrier passed.
+        args = ["up", "--local", "--loopback", "--cluster", LOOPBACK_CLUSTER]
+        args += ["--set", "chief=0", "--ps", "1", "--workers", "1"]
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 0, result.output
+        assert "DNS, as the cluster's CoreDNS answers on the chief:" in result.output
+        config = looped.saved_config()
         rows = {r.node.label: r.node for r in looped.status() if r.node is not None}
         assert sorted(rows) == ["control0", "ps0", "worker0"]
         assert all(str(node.private_ip).startswith("127.77.0.") for node in rows.values())

@@ -132,7 +132,7 @@ class LocalCloud:
         self.host: Host = (
             NetnsHost(cluster, self.machine_root)
             if mode == NETNS
-            else LoopbackHost(cluster, self._config)
+            else LoopbackHost(cluster, self.saved_config)
         )
 
     @property
@@ -195,7 +195,7 @@ class LocalCloud:
         (self.folder / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
         return config
 
-    def _config(self) -> ClusterConfig:
+    def saved_config(self) -> ClusterConfig:
         """The config of the last ``prepare``, for booting in loopback mode."""
         try:
             return load_cluster_config(None, json.loads((self.folder / "config.json").read_text()))

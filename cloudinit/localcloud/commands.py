@@ -50,7 +50,7 @@ def up_local(
     print_nodes(result, config.zone)
     if dry_run:
         return
-    entries = cloud.dnstable()
+    entries = cloud.dns_table()
     click.echo("\nDNS, as the cluster's CoreDNS answers on the chief:")
     click.echo(table(("NAME", "ADDRESS", "PORT"), [(e.name, e.address, e.port) for e in entries]))
     chief = cloud.find("chief0")
