@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 import pytest
 import requests
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moto.ec2.models.amis import AMIS
@@ -38,7 +39,7 @@ from test_userdata import Sandbox
 
 from conftest import require_tool
 from controlled_moto import ControlledMoto, running
-from tfcluster.cloudinit import plan, provision
+from tfcluster.cloudinit import cli, plan, provision
 from tfcluster.cloudinit.cloud.bucket import BucketConflict, bucket_name
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
 from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER
@@ -360,6 +361,12 @@ def test_ls_shows_a_bucket_that_a_failed_down_left(server, provider):
     assert f"bucket(s) {result.bucket}" in first.describe_left()
     listed = {c.name: c for c in provision.list_clusters(provider)}
     assert listed[CLUSTER].bucket == result.bucket and listed[CLUSTER].live_nodes == 0
+    shown = CliRunner().invoke(cli.list_clusters, ["--endpoint-url", server.url])
+    assert shown.exit_code == 0, shown.output
+    header, row = shown.output.splitlines()
+    assert header.split() == ["CLUSTER", "INSTANCES", "STATES", "SECURITY", "GROUPS", "BUCKET",
+                              "LOCK"]  # fmt: skip
+    assert row.split() == [CLUSTER, "0", result.bucket, "-"]
     server.clear()
     second = provision.down(CLUSTER, provider)
     assert second.complete and second.buckets == (result.bucket,)
