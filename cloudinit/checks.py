@@ -136,6 +136,14 @@ def duration(value: Any) -> int:
     return total
 
 
+def url_expiry(value: Any) -> int:
+    """A presigned URL's lifetime: a `duration`, at most 7 days (SigV4's limit)."""
+    seconds = duration(value)
+    if seconds > 7 * 86400:
+        raise ValueError(f"must be at most 7d (the longest a presigned URL lives), got {value!r}")
+    return seconds
+
+
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

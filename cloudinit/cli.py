@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from tfcluster.cloudinit import provision, terminal
+from tfcluster.cloudinit import plan, provision, terminal
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
 from tfcluster.cloudinit.config import (
     INSTANCE_ROLES,
+    Artifact,
     parse_overrides,
 )
 from tfcluster.cloudinit.render.userdata import RenderError, render_parts, render_user_data
@@ -153,7 +154,8 @@ def down(
     endpoint_url: str | None,
     local: bool,
 ) -> None:
-    """Terminate every instance of the cluster and delete its security group.
+    """Terminate every instance of the cluster, delete its security group and empty
+    and delete its bucket.
 
     Says what it removed; if anything could not be removed in time, lists it
     and exits 1 (run down again to finish). A second down is a no-op.
@@ -173,17 +175,18 @@ def down(
         if not yes:
             click.confirm(
                 f"Terminate every instance of cluster {cluster} in {provider.region} "
-                "and delete its security group?",
+                "and delete its security group and bucket?",
                 abort=True,
             )
         result = provision.down(
             cluster, provider, on_event=progress, timeout=timeout, group_timeout=timeout
         )
-    removed = len(result.terminated) + len(result.security_groups)
+    removed = len(result.terminated) + len(result.security_groups) + len(result.buckets)
     if removed:
         click.echo(
-            f"removed {len(result.terminated)} instance(s) and "
-            f"{len(result.security_groups)} security group(s) of cluster {cluster}"
+            f"removed {len(result.terminated)} instance(s), "
+            f"{len(result.security_groups)} security group(s) and "
+            f"{len(result.buckets)} bucket(s) of cluster {cluster}"
         )
     if not result.complete:
         for error in result.errors:
@@ -276,7 +279,8 @@ def _record_check(cluster: str, endpoint: str) -> Callable[[str], bool | None]:
 @_region_option
 @_endpoint_option
 def list_clusters(region: str | None, endpoint_url: str | None) -> None:
-    """Every cluster in the region that still holds instances or a security group."""
+    """Every cluster in the region that still holds instances, a security group or a
+    bucket (a bucket alone is what a failed down leaves)."""
     with one_line_errors():
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
         clusters = provision.list_clusters(provider)
@@ -289,11 +293,13 @@ def list_clusters(region: str | None, endpoint_url: str | None) -> None:
             c.live_nodes,
             ", ".join(f"{n} {state}" for state, n in sorted(c.states.items())),
             ", ".join(c.security_groups),
+            c.bucket,
             c.lock.describe() if c.lock else None,
         )
         for c in clusters
     ]
-    click.echo(table(("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS", "LOCK"), rows))
+    headers = ("CLUSTER", "INSTANCES", "STATES", "SECURITY GROUPS", "BUCKET", "LOCK")
+    click.echo(table(headers, rows))
 
 
 @click.command()
@@ -336,13 +342,22 @@ def render(
     raw: bool,
 ) -> None:
     """Print the user-data one instance of ROLE would receive: readable parts,
-    or with --raw the exact bytes RunInstances gets."""
+    or with --raw the exact bytes RunInstances gets.
+
+    A binary that `up` would stage is shown with its SHA-256 (computed here) and
+    a stand-in URL: the presigned URL exists only once `up` has signed it."""
     with one_line_errors():
         config = load_config(config_path, parse_overrides(overrides))
         endpoints = list(etcd_endpoints) or None
+        staged = {
+            o.filename: Artifact(
+                f"https://cluster-bucket.invalid/{o.key}?presigned-by-up", o.sha256
+            )
+            for o in plan.staged_binaries(config)
+        }
         try:
-            data = render_user_data(config, role, index, endpoints)
-            parts = render_parts(config, role, index, endpoints)
+            data = render_user_data(config, role, index, endpoints, staged=staged)
+            parts = render_parts(config, role, index, endpoints, staged=staged)
         except RenderError as exc:
             click.echo(f"Error: {exc}", err=True)
             raise SystemExit(terminal.EXIT_USAGE) from None

@@ -25,9 +25,13 @@ The file (every key optional except ``cluster``)::
     ssh_cidr: null                   # e.g. 203.0.113.7/32; null: no ssh ingress at all
     spot_workers: false
     etcd: control-node               # or a list of existing client URLs
-    artifacts:                       # pinned downloads, each verified by SHA-256
-      coredns: {url: ..., sha256: ...}
-      etcd: {url: ..., sha256: ...}  # needed only with etcd: control-node
+    artifacts:                       # optional overrides, for users who mirror the binaries:
+      coredns: {url: ..., sha256: ...}   #   each given one is downloaded by the instance and
+      etcd: {url: ..., sha256: ...}      #   checked; the others are staged in the cluster
+                                     #   bucket (etcd's archive carries etcdctl too)
+    url_expiry: 6h                   # lifetime of the bucket's presigned URLs (10m..7d)
+    download_binaries: false         # true: fetch missing static binaries from the pinned
+                                     #   releases on this machine (checked) before staging
     agent_package: tfcluster[tf]     # pip requirement installed into the agent's venv
     tf_port: 2222
     lease_ttl: 10                    # seconds an instance's names outlive it
@@ -75,9 +79,10 @@ UBUNTU_AMI_SSM_PARAMETER = (
     "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 )
 
-#: The pinned releases. Their checksums cannot ship here unverified, and a
-#: download without a checksum is not installed, so the config must name
-#: each SHA-256 (published next to each release asset) for what it uses.
+#: The pinned releases, for an override that gives only a SHA-256. Their
+#: checksums cannot ship here unverified, and a download without a checksum
+#: is not installed, so such an override names the SHA-256 (published next
+#: to each release asset). Without an override the binary is staged instead.
 DEFAULT_ARTIFACT_URLS = {
     "coredns": "https://github.com/coredns/coredns/releases/download/v1.14.7/"
     "coredns_1.14.7_linux_amd64.tgz",
@@ -102,8 +107,10 @@ class ClusterConfig:
     """A validated cluster config; see the module docstring for each key.
 
     ``etcd_endpoints`` empty means "launch a control node running etcd";
-    ``artifacts`` holds only what this config uses (no ``etcd`` entry with
-    external etcd endpoints); ``max_lifetime`` is in seconds.
+    ``artifacts`` holds only the overrides given that this config uses (no
+    ``etcd`` entry with external etcd endpoints): every other binary is
+    staged in the cluster bucket; ``max_lifetime`` and ``url_expiry`` are in
+    seconds.
     """
 
     cluster: str
@@ -129,6 +136,8 @@ class ClusterConfig:
     layout: Mapping[str, str | int | bool] = field(default_factory=lambda: MappingProxyType({}))
     max_instances: int = 16
     max_lifetime: int | None = None
+    url_expiry: int = 6 * 3600
+    download_binaries: bool = False
 
     @property
     def control_node(self) -> bool:
@@ -235,6 +244,8 @@ def _build(file: ConfigFile) -> ClusterConfig:
     artifacts = {}
     for name in names:
         given = getattr(file.artifacts, name)
+        if given.url is None and given.sha256 is None:
+            continue  # staged in the cluster bucket by `up`
         url = given.url or DEFAULT_ARTIFACT_URLS[name]
         if given.sha256 is None:
             why = "when the url is set" if given.url else f"to install {url}"

@@ -4,7 +4,10 @@
 what is missing: one launch per role with count N for a role that has no
 node (so the launch index is the task index), one launch per missing index
 when repairing. The plan also says what it costs (instances per type) and
-why the operator should be asked first (`confirmation_reasons`).
+why the operator should be asked first (`confirmation_reasons`), and what
+goes into the cluster bucket: the static binaries that the config gives no
+``artifacts`` override for (`staged_binaries`), and how many of their bytes
+the bucket still lacks.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
     PENDING,
     RUNNING,
+    BucketStore,
     Node,
     NodeProvider,
     PortRange,
@@ -25,6 +29,8 @@ from tfcluster.cloudinit.cloud.provider import (
 )
 from tfcluster.cloudinit.config import UBUNTU_AMI_SSM_PARAMETER, ClusterConfig
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT
+from tfcluster.cloudinit.stage import artifacts, manifest, wheel
+from tfcluster.cloudinit.stage.manifest import StagedObject
 from tfcluster.discovery.records import ROLES
 
 _ACCELERATED = re.compile(r"^(p[0-9]|g[0-9]|gr[0-9]|dl[0-9]|trn[0-9]|inf[0-9])")
@@ -71,6 +77,13 @@ class Plan:
     subnet_id: str | None = None
     instance_types: tuple[tuple[str, int], ...] = ()
     """(instance type, count) of what ``launches`` start, biggest count first."""
+    staged: tuple[StagedObject, ...] = ()
+    """What the launches fetch from the cluster bucket (empty: no bucket needed)."""
+    bucket: str | None = None
+    """The cluster's bucket, when ``staged`` is not empty (it may not exist yet)."""
+    bucket_exists: bool = False
+    to_upload: tuple[StagedObject, ...] = ()
+    """The staged objects the bucket lacks now."""
 
     @property
     def complete(self) -> bool:
@@ -95,6 +108,20 @@ class Plan:
         lines.extend(launch.describe() for launch in self.launches)
         if self.launches and self.image_id:
             lines.append(f"image {self.image_id}")
+        if self.staged:
+            total = sum(o.size for o in self.staged)
+            sending = sum(o.size for o in self.to_upload)
+            where = "bucket" if self.bucket_exists else "new bucket"
+            lines.append(
+                f"stage {len(self.staged)} object(s), {_mb(total)} in {where} {self.bucket}: "
+                f"{len(self.to_upload)} to upload ({_mb(sending)}), "
+                f"{len(self.staged) - len(self.to_upload)} already there"
+            )
+            lines.extend(
+                f"  {o.filename} {_mb(o.size)} sha256 {o.sha256}"
+                + ("" if o in self.to_upload else " (present)")
+                for o in self.staged
+            )
         if self.instance_types:
             per_type = ", ".join(f"{count} x {kind}" for kind, count in self.instance_types)
             lines.append(f"instances to launch: {per_type} ({self.new_instances} in all)")
@@ -104,6 +131,33 @@ class Plan:
             for n in self.surplus
         )
         return lines
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+STAGE_ARCH = "amd64"
+"""Instances are linux/amd64 for now (arm64 instance types are not told apart yet)."""
+
+
+def staged_binaries(config: ClusterConfig) -> list[StagedObject]:
+    """The static binaries the instances fetch from the cluster bucket, hashed here.
+
+    Those the config overrides (``artifacts``) are not staged; etcd and
+    etcdctl only with a control node. Found locally (a checkout's
+    ``.tools/bin``, then ``PATH``), or with ``download_binaries`` from the
+    pinned releases, checked; a `StageError` otherwise, before anything is created.
+    """
+    wanted = [] if "coredns" in config.artifacts else ["coredns"]
+    if config.control_node and "etcd" not in config.artifacts:
+        wanted += ["etcd", "etcdctl"]
+    if not wanted:
+        return []
+    found = artifacts.instance_binaries(
+        STAGE_ARCH, checkout=wheel.find_checkout(), download=config.download_binaries
+    )
+    return artifacts.stage_binaries(STAGE_ARCH, {name: found[name] for name in wanted})
 
 
 def ingress_ports(config: ClusterConfig) -> list[PortRange]:
@@ -177,6 +231,19 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
     types: Counter[str] = Counter()
     for item in launches:
         types[config.instance_type(item.role)] += item.count
+    staged = tuple(staged_binaries(config)) if launches else ()
+    bucket, exists, to_upload = None, False, staged
+    if staged:
+        if not isinstance(provider, BucketStore):
+            raise ProviderError(
+                "this cloud has no cluster bucket to stage binaries in: give artifacts "
+                "overrides ({url, sha256}) for coredns and etcd"
+            )
+        found = provider.find_bucket(config.cluster)
+        exists = found is not None
+        bucket = found or provider.bucket_name(config.cluster)
+        if found is not None:
+            to_upload = tuple(manifest.missing(staged, provider.bucket_keys(found)))
     return Plan(
         cluster=config.cluster,
         security_group=provider.find_security_group(config.cluster),
@@ -187,6 +254,10 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
         image_id=image_id,
         subnet_id=subnet_id,
         instance_types=tuple(types.most_common()),
+        staged=staged,
+        bucket=bucket,
+        bucket_exists=exists,
+        to_upload=to_upload,
     )
 
 

@@ -20,6 +20,7 @@ import getpass
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
     TAG_CLUSTER,
+    BucketStore,
     ClusterLock,
     ClusterSummary,
     LaunchSpec,
@@ -36,7 +38,7 @@ from tfcluster.cloudinit.cloud.provider import (
     ProviderError,
     no_progress,
 )
-from tfcluster.cloudinit.config import ClusterConfig
+from tfcluster.cloudinit.config import Artifact, ClusterConfig
 from tfcluster.cloudinit.plan import (
     Confirm,
     Launch,
@@ -47,6 +49,7 @@ from tfcluster.cloudinit.plan import (
 )
 from tfcluster.cloudinit.render.layout import control_endpoint
 from tfcluster.cloudinit.render.userdata import render_user_data
+from tfcluster.cloudinit.stage import manifest
 from tfcluster.discovery.records import ROLES
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,11 @@ class UpResult:
     nodes: tuple[Node, ...]
     launched: tuple[Node, ...] = ()
     security_group: str | None = None
+    bucket: str | None = None
+    uploaded: int = 0
+    """Bytes this run uploaded to the cluster bucket (0: everything was there)."""
+    staging_seconds: float = 0.0
+    """Time spent making sure the bucket holds every staged object (listing, uploads)."""
 
     @property
     def changed(self) -> bool:
@@ -100,15 +108,19 @@ class DownResult:
     left_instances: tuple[str, ...] = ()
     left_security_groups: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
+    buckets: tuple[str, ...] = ()
+    left_buckets: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
-        return not (self.left_instances or self.left_security_groups)
+        return not (self.left_instances or self.left_security_groups or self.left_buckets)
 
     def describe_left(self) -> str:
         parts = [f"instance(s) {', '.join(self.left_instances)}"] if self.left_instances else []
         if self.left_security_groups:
             parts.append(f"security group(s) {', '.join(self.left_security_groups)}")
+        if self.left_buckets:
+            parts.append(f"bucket(s) {', '.join(self.left_buckets)}")
         return " and ".join(parts)
 
 
@@ -159,6 +171,7 @@ class _Made:
 
     instances: list[str] = field(default_factory=list)
     security_group: str | None = None
+    bucket: str | None = None
 
 
 def up(
@@ -175,7 +188,9 @@ def up(
 
     Order: the cluster's lock (a concurrent ``up`` or ``down`` raises
     `ClusterBusy` before anything is read); the plan, and ``confirm`` when
-    `confirmation_reasons` says so; security group; the control node, whose
+    `confirmation_reasons` says so; security group; the cluster bucket, when
+    the plan stages binaries (created or reused, then only the objects it
+    lacks are uploaded); the control node, whose
     private IP goes into every task's user-data as its etcd endpoint; then
     one launch per role (count N, so the launch index is the task index), or
     one per missing index when repairing; then one wait until everything runs.
@@ -184,7 +199,7 @@ def up(
     for SIGTERM) ``up`` rolls back: it terminates every node of the cluster
     that was not there when it began (found by tag, so even a launch whose
     answer was lost is caught), waits for them to terminate, and deletes the
-    security group if none existed before; then raises `UpFailed` saying
+    security group and the bucket if none existed before; then raises `UpFailed` saying
     what failed and what was undone. An interruption of the rollback itself
     stops it, and `UpFailed` names what is left and the ``down`` command that
     removes it. Nodes that were already there are never touched.
@@ -245,12 +260,27 @@ def _apply(
         made.security_group = group_id
     on_event(f"{'created' if created else 'using'} security group {group_id}")
     expires = _expiry(config)
+    bucket, uploaded, seconds = _stage(config, provider, plan, made, on_event)
+
+    def signed() -> dict[str, Artifact] | None:
+        """Presigned URLs made afresh for each launch (signing is local: no call)."""
+        if bucket is None:
+            return None
+        assert isinstance(provider, BucketStore)  # _stage made the bucket
+        return {
+            o.filename: Artifact(provider.presign(bucket, o.key, config.url_expiry), o.sha256)
+            for o in plan.staged
+        }
 
     def launch(item: Launch, etcd: Sequence[str] | None) -> list[Node]:
         if plan.image_id is None:
             raise ProviderError("the plan launches nodes but names no image")
         user_data = render_user_data(
-            config, item.role, index=item.index, etcd_endpoints=list(etcd) if etcd else None
+            config,
+            item.role,
+            index=item.index,
+            etcd_endpoints=list(etcd) if etcd else None,
+            staged=signed(),
         )
         spec = LaunchSpec(
             image_id=plan.image_id,
@@ -295,7 +325,35 @@ def _apply(
             launched.extend(launch(item, etcd))
     running = wait(launched, f"{len(launched)} instance(s) to run") if launched else []
     nodes = sorted([*plan.existing, *running], key=lambda n: (n.role, n.index, n.instance_id))
-    return UpResult(plan, tuple(nodes), tuple(running), group_id)
+    return UpResult(plan, tuple(nodes), tuple(running), group_id, bucket, uploaded, seconds)
+
+
+def _stage(
+    config: ClusterConfig, provider: NodeProvider, plan: Plan, made: _Made, on_event: Progress
+) -> tuple[str | None, int, float]:
+    """Make sure the cluster bucket holds every staged object; ``(bucket, bytes sent, s)``.
+
+    The bucket is listed again here (the plan's listing may be stale) and only
+    the keys it lacks are uploaded: keys are content addresses, so an
+    unchanged binary is never sent twice.
+    """
+    if not plan.staged:
+        return None, 0, 0.0
+    if not isinstance(provider, BucketStore):
+        raise ProviderError("the plan stages binaries but this cloud has no cluster bucket")
+    started = time.monotonic()
+    bucket, created = provider.ensure_bucket(config.cluster)
+    if created:
+        made.bucket = bucket
+    on_event(f"{'created' if created else 'using'} bucket {bucket}")
+    todo = manifest.missing(plan.staged, provider.bucket_keys(bucket))
+    sent = provider.upload(bucket, todo)
+    seconds = time.monotonic() - started
+    on_event(
+        f"staged {len(plan.staged)} object(s) in {bucket}: uploaded {len(todo)} "
+        f"({sent} bytes), {len(plan.staged) - len(todo)} already there, {seconds:.2f} s"
+    )
+    return bucket, sent, seconds
 
 
 def _roll_back(
@@ -331,6 +389,13 @@ def _roll_back(
             made.security_group = None
             if groups:
                 done.append(f"deleted security group {', '.join(groups)}")
+        if plan.staged and not plan.bucket_exists and isinstance(provider, BucketStore):
+            # Found by its name, not only by made.bucket: a CreateBucket whose answer
+            # was lost, or one not tagged yet, still goes.
+            bucket, _ = provider.delete_bucket(cluster)
+            made.bucket = None
+            if bucket:
+                done.append(f"deleted bucket {bucket}")
     except (ProviderError, KeyboardInterrupt) as exc:
         log.debug("roll back failed", exc_info=True)
         why = (
@@ -342,6 +407,8 @@ def _roll_back(
         left = [f"instance(s) {', '.join(new)}{state}"] if new else []
         if made.security_group is not None:
             left.append(f"security group {made.security_group}")
+        if made.bucket is not None:
+            left.append(f"bucket {made.bucket}")
         return (
             f"{why}; left: {' and '.join(left) or 'nothing known'}; "
             f"remove it with 'tfcluster down --cluster {cluster} --yes'"
@@ -395,12 +462,43 @@ def down(
                 left_groups = [found] if found else []
         if groups:
             on_event(f"deleted security group {', '.join(groups)}")
-        if not ids and not groups and not left_groups:
+        buckets, left_buckets = _delete_bucket(cluster, provider, errors, on_event)
+        if not ids and not groups and not left_groups and not buckets and not left_buckets:
             on_event(
-                f"nothing to remove: no instance or security group has {TAG_CLUSTER}={cluster}"
+                f"nothing to remove: no instance, security group or bucket has "
+                f"{TAG_CLUSTER}={cluster}"
             )
         removed = tuple(i for i in ids if i not in left)
-        return DownResult(removed, tuple(groups), tuple(left), tuple(left_groups), tuple(errors))
+        return DownResult(
+            removed,
+            tuple(groups),
+            tuple(left),
+            tuple(left_groups),
+            tuple(errors),
+            tuple(buckets),
+            tuple(left_buckets),
+        )
+
+
+def _delete_bucket(
+    cluster: str, provider: NodeProvider, errors: list[str], on_event: Progress
+) -> tuple[list[str], list[str]]:
+    """Empty and delete the cluster's bucket: ``([deleted], [left])``; a failure is
+    added to ``errors`` and the bucket named as left, for a second ``down``."""
+    if not isinstance(provider, BucketStore):
+        return [], []
+    try:
+        bucket, objects = provider.delete_bucket(cluster)
+    except ProviderError as exc:
+        errors.append(str(exc))
+        try:
+            return [], [provider.bucket_name(cluster)]
+        except ProviderError:
+            return [], [f"the bucket of cluster {cluster}"]
+    if bucket is None:
+        return [], []
+    on_event(f"deleted bucket {bucket} ({objects} object(s))")
+    return [bucket], []
 
 
 def status(
@@ -425,5 +523,5 @@ def status(
 
 
 def list_clusters(provider: NodeProvider) -> list[ClusterSummary]:
-    """Every cluster in the region with a live instance or a security group left."""
+    """Every cluster in the region with a live instance, a security group or a bucket left."""
     return provider.clusters()

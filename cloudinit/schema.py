@@ -116,6 +116,8 @@ class ConfigFile(BaseModel):
     program: Annotated[tuple[str, ...] | None, PlainValidator(checks.program)] = None
     max_instances: Annotated[int, PlainValidator(integer(1, 4 * MAX_TASKS))] = 16
     max_lifetime: Annotated[int | None, PlainValidator(checks.duration)] = None
+    url_expiry: Annotated[int, PlainValidator(checks.url_expiry)] = 6 * 3600
+    download_binaries: Boolean = False
     layout: LayoutFields = LayoutFields()  # type: ignore[valid-type]  # a model made at import
 
     @after_fields(mode="after")

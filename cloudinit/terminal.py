@@ -24,6 +24,7 @@ from tfcluster.cloudinit.config import (
     config_warnings,
     load_cluster_config,
 )
+from tfcluster.cloudinit.stage.errors import StageError
 
 EXIT_PROVIDER = 1
 EXIT_USAGE = 2
@@ -33,11 +34,12 @@ EXIT_INTERRUPTED = 130
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Known failures end the command with ``Error: ...`` and an exit code, no traceback:
-    2 for bad input (fix the config, an option or the endpoint URL), 1 for the cloud
+    2 for bad input (fix the config, an option or the endpoint URL; a binary to stage
+    that is not found), 1 for the cloud
     (look at the account or retry), 130 for an interruption outside ``up``'s rollback."""
     try:
         yield
-    except (ConfigError, InvalidEndpoint) as exc:
+    except (ConfigError, InvalidEndpoint, StageError) as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
     except ProviderError as exc:

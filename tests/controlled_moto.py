@@ -92,9 +92,17 @@ def tag_value(params: Params, key: str) -> str | None:
     return None
 
 
+_BUCKET_SUBRESOURCES = frozenset(
+    {"acl", "cors", "encryption", "lifecycle", "location", "ownershipControls", "policy",
+     "publicAccessBlock", "tagging", "versioning"}
+)  # fmt: skip
+
+
 def s3_action(environ: dict[str, Any], body: bytes) -> tuple[str, Params]:
     """The S3 operation of a path-style request and its Bucket and Key; ("", {})
-    for anything else. Coarse: sub-resources (``?tagging`` ...) are not told apart."""
+    for anything else. A bucket's sub-resource is named after the verb:
+    ``PUT /b?tagging`` is ``PutBucketTagging``, ``GET /b?versions`` is
+    ``ListObjectVersions``; object sub-resources are not told apart."""
     path = environ.get("PATH_INFO", "/")
     if path.startswith("/moto-api"):
         return "", {}
@@ -116,6 +124,11 @@ def s3_action(environ: dict[str, Any], body: bytes) -> tuple[str, Params]:
         return "PostObject", params
     if method == "POST" and "delete" in query:
         return "DeleteObjects", params
+    if method == "GET" and "versions" in query:
+        return "ListObjectVersions", params
+    sub = next((name for name in query if name in _BUCKET_SUBRESOURCES), None)
+    if sub is not None and method in ("GET", "PUT", "DELETE"):
+        return f"{method.capitalize()}Bucket{sub[0].upper()}{sub[1:]}", params
     if method == "GET":
         return ("ListObjectsV2" if query.get("list-type") == ["2"] else "ListObjects"), params
     names = {"PUT": "CreateBucket", "DELETE": "DeleteBucket", "HEAD": "HeadBucket"}
@@ -198,7 +211,10 @@ class ControlledMoto:
         if failure is not None:
             template = S3_ERROR_BODY if s3 else ERROR_BODY
             text = template.format(code=failure.code, message="injected by the test")
-            start_response(f"{failure.status} Error", [("Content-Type", "text/xml")])
+            headers = [("Content-Type", "text/xml")]
+            if s3:  # S3 names its request in a header, also for a HEAD without a body
+                headers.append(("x-amz-request-id", "injected"))
+            start_response(f"{failure.status} Error", headers)
             return [text.encode()]
         if hold is not None and hold.before:
             hold.reached.set()

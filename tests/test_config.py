@@ -80,6 +80,40 @@ def test_minimal_config_takes_defaults():
     assert config.tf_port == 2222
 
 
+def test_config_without_artifacts_stages_every_binary():
+    """The section is optional: a binary without an override is staged by `up`."""
+    config = load_cluster_config(
+        None, {"cluster": "c1", "ps": 1, "workers": 2, "ami": "ami-0123456789abcdef0"}
+    )
+    assert dict(config.artifacts) == {}
+    assert config.url_expiry == 6 * 3600 and config.download_binaries is False
+
+
+def test_one_override_leaves_the_other_binary_staged():
+    config = load_cluster_config(None, {"cluster": "c1", "artifacts.etcd.sha256": SHA_B})
+    assert set(config.artifacts) == {"etcd"}
+    assert config.artifacts["etcd"].url == DEFAULT_ARTIFACT_URLS["etcd"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds", "message"),
+    [
+        ("90m", 5400, None),
+        ("7d", 7 * 86400, None),
+        ("8d", None, "url_expiry: must be at most 7d"),
+        ("5m", None, "url_expiry: must be between 10m and 30d"),
+        ("soon", None, "url_expiry: must be a duration"),
+    ],
+)
+def test_url_expiry_is_bounded_by_sigv4(value, seconds, message):
+    if message is None:
+        config = load_cluster_config(None, {"cluster": "c1", "url_expiry": value})
+        assert config.url_expiry == seconds
+        return
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_cluster_config(None, {"cluster": "c1", "url_expiry": value})
+
+
 def test_external_etcd_needs_no_etcd_artifact():
     config = load_cluster_config(
         None,
@@ -128,12 +162,10 @@ def test_config_is_frozen(tmp_path):
         ({"etcd": ["10.0.0.5:2379"]}, "etcd: an etcd endpoint must look like http://HOST:PORT"),
         ({"etcd": ["http://10.0.0.5"]}, "etcd: an etcd endpoint must look like http://HOST:PORT"),
         ({"etcd": ["http://10.0.0.5:2379/v3"]}, "etcd: an etcd endpoint has no path"),
-        ({"artifacts": {"etcd": {"sha256": SHA_B}}}, "artifacts.coredns.sha256 is required"),
         (
             {"artifacts": {"coredns": {"url": "https://mirror/c.tgz"}, "etcd": {"sha256": SHA_B}}},
             "artifacts.coredns.sha256 is required when the url is set",
         ),
-        ({"artifacts": {"coredns": {"sha256": SHA_A}}}, "artifacts.etcd.sha256 is required"),
         (
             {"artifacts": {"coredns": {"sha256": "12ab"}, "etcd": {"sha256": SHA_B}}},
             "artifacts.coredns.sha256: must be 64 hex digits",

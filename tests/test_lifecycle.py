@@ -422,7 +422,7 @@ def test_down_twice_is_a_no_op_the_second_time(
     server.clear()
     first = tfcluster(env, "down", "--cluster", "demo", "--yes", "--endpoint-url", server.url)
     assert first.code == 0, first.stderr
-    assert "removed 5 instance(s) and 1 security group(s)" in first.stdout, first.stdout
+    assert "removed 5 instance(s), 1 security group(s) and 0 bucket(s)" in first.stdout
     report("down", server, first.seconds)
     server.clear()
     second = tfcluster(env, "down", "--cluster", "demo", "--yes", "--endpoint-url", server.url)

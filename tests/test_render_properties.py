@@ -69,6 +69,7 @@ FIELDS: dict[str, str] = {
     "agent_package": "tfcluster[tf]",
     "program": "python3 train.py --steps 10",
     "max_lifetime": "12h",
+    "url_expiry": "6h",
     **{
         f"layout.{f.name}": getattr(DEFAULT_LAYOUT, f.name) or "/opt/venv"
         for f in dataclasses.fields(DEFAULT_LAYOUT)
@@ -436,6 +437,7 @@ def test_every_string_key_is_fuzzed():
     not_strings = {
         "allow_public_zone", "chief", "ps", "workers", "spot_workers", "tf_port", "lease_ttl",
         "record_ttl", "max_instances", "instance_types", "artifacts", "layout",
+        "download_binaries",
     }  # fmt: skip
     assert set(ConfigFile.model_fields) - not_strings == {f.split(".")[0] for f in FIELDS} - {
         "instance_types", "artifacts", "layout"

@@ -158,12 +158,23 @@ def check_endpoint_url(url: str) -> str:
     return url
 
 
+_REQUEST_ID_HEADERS = ("x-amz-request-id", "x-amzn-requestid", "x-amzn-request-id")
+
+
 def answered_by_the_api(http_response: Any, parsed: dict[str, Any], model: Any, **_: Any) -> None:
     """Every answer of the AWS APIs, errors included, carries a request id. A web page
     from whatever else answers at the endpoint (a proxy's sign-in page) parses as an
-    empty result instead of failing: refuse it, before it reads as "nothing there"."""
-    if not parsed.get("ResponseMetadata", {}).get("RequestId"):
-        kind = http_response.headers.get("content-type", "no content type")
+    empty result instead of failing: refuse it, before it reads as "nothing there".
+
+    The id is read from the parsed answer, else from the headers: S3 sends it as
+    ``x-amz-request-id`` (other services as ``x-amzn-requestid``), and botocore
+    does not parse it for an error without a body (HeadBucket's 404)."""
+    headers = http_response.headers
+    if not (
+        parsed.get("ResponseMetadata", {}).get("RequestId")
+        or any(headers.get(name) for name in _REQUEST_ID_HEADERS)
+    ):
+        kind = headers.get("content-type", "no content type")
         raise InvalidEndpoint(
             f"{model.name}: what answers at the endpoint is not the AWS API ({kind}, no request id)"
         )

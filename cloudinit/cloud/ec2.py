@@ -12,7 +12,8 @@ the process dies between two calls. ``endpoint_url`` points the client
 elsewhere than AWS, e.g. at a moto server for the local cloud.
 
 This module holds the instances and the waits; the security group
-(`ec2_groups`) and the lock (`ec2_lock`) each have their own.
+(`ec2_groups`), the lock (`ec2_lock`) and the cluster bucket on S3
+(`bucket`, the `BucketStore` side) each have their own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tfcluster.cloudinit.cloud.aws_errors import (
     known_regions,
     translate_errors,
 )
+from tfcluster.cloudinit.cloud.bucket import ClusterBuckets
 from tfcluster.cloudinit.cloud.ec2_groups import SecurityGroups
 from tfcluster.cloudinit.cloud.ec2_instances import TERMINATE_BATCH, node_of, run_instances_params
 from tfcluster.cloudinit.cloud.ec2_lock import ClusterLocks
@@ -42,6 +44,7 @@ from tfcluster.cloudinit.cloud.provider import (
     STOPPING,
     TAG_CLUSTER,
     TERMINATED,
+    BucketStore,
     ClusterLock,
     ClusterSummary,
     LaunchFailed,
@@ -61,6 +64,7 @@ from tfcluster.cloudinit.cloud.tags import (
     of_cluster,
     tags_of,
 )
+from tfcluster.cloudinit.stage.manifest import StagedObject
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,11 @@ CLIENT_CONFIG = botocore.config.Config(
 are retried at most 4 times with backoff, anything else fails at once."""
 
 
-class Ec2Provider(NodeProvider):
+S3_CONFIG = CLIENT_CONFIG.merge(botocore.config.Config(signature_version="s3v4"))
+"""S3 gets the same bounds; presigned URLs are SigV4 (SigV2 is refused in newer regions)."""
+
+
+class Ec2Provider(NodeProvider, BucketStore):
     """Clusters of EC2 instances in one region.
 
     ``ec2`` is the boto3 client every EC2 call goes through (tests register
@@ -110,16 +118,22 @@ class Ec2Provider(NodeProvider):
         self.max_poll_interval = max_poll_interval
         self.ec2: Any = self._client("ec2")
         self._ssm: Any = None
+        self._buckets_: ClusterBuckets | None = None
         self._groups = SecurityGroups(self.ec2)
         self._locks = ClusterLocks(self.ec2)
 
     def _client(self, service: str) -> Any:
+        config = CLIENT_CONFIG
+        if service == "s3":
+            # A custom endpoint (moto) serves buckets by path, not by host name.
+            style = "path" if self.endpoint_url else "virtual"
+            config = S3_CONFIG.merge(botocore.config.Config(s3={"addressing_style": style}))
         with translate_errors(f"setting up the {service} client"):
             client = self._session.client(
                 service,
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,
-                config=CLIENT_CONFIG,
+                config=config,
             )
         client.meta.events.register("after-call.*.*", answered_by_the_api)
         return client
@@ -167,6 +181,44 @@ class Ec2Provider(NodeProvider):
         if not available:
             raise ProviderError(f"{vpc_id} has no available subnet to launch into")
         return str(available[0][1])
+
+    # -- cluster bucket (bucket) -------------------------------------------------
+
+    @property
+    def _buckets(self) -> ClusterBuckets:
+        """S3 and STS clients are made on first use: a run that stages nothing makes none."""
+        if self._buckets_ is None:
+            self._buckets_ = ClusterBuckets(self._client("s3"), self._client("sts"), self.region)
+        return self._buckets_
+
+    @property
+    def s3(self) -> Any:
+        """The S3 client every bucket call goes through (tests register hooks on it)."""
+        return self._buckets.s3
+
+    def bucket_name(self, cluster: str) -> str:
+        return self._buckets.name(cluster)
+
+    def find_bucket(self, cluster: str) -> str | None:
+        return self._buckets.find(cluster)
+
+    def ensure_bucket(self, cluster: str) -> tuple[str, bool]:
+        return self._buckets.ensure(cluster)
+
+    def bucket_keys(self, bucket: str) -> list[str]:
+        return self._buckets.keys(bucket)
+
+    def upload(self, bucket: str, objects: Sequence[StagedObject]) -> int:
+        return self._buckets.upload(bucket, objects)
+
+    def presign(self, bucket: str, key: str, expiry: int) -> str:
+        return self._buckets.presign(bucket, key, expiry)
+
+    def delete_bucket(self, cluster: str) -> tuple[str | None, int]:
+        return self._buckets.delete(cluster)
+
+    def buckets(self) -> dict[str, str]:
+        return self._buckets.tagged()
 
     # -- images -----------------------------------------------------------------
 
@@ -249,9 +301,16 @@ class Ec2Provider(NodeProvider):
         for group in self._groups.listed(None):
             groups.setdefault(tags_of(group)[TAG_CLUSTER], []).append(str(group["GroupId"]))
         locks = self._locks.all()
+        buckets = self.buckets()
         return [
-            ClusterSummary(name, states.get(name, {}), tuple(groups.get(name, ())), locks.get(name))
-            for name in sorted(states.keys() | groups.keys() | locks.keys())
+            ClusterSummary(
+                name,
+                states.get(name, {}),
+                tuple(groups.get(name, ())),
+                locks.get(name),
+                buckets.get(name),
+            )
+            for name in sorted(states.keys() | groups.keys() | locks.keys() | buckets.keys())
         ]
 
     def terminate(self, instance_ids: Sequence[str]) -> None:

@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from tfcluster.cloudinit.stage.manifest import StagedObject
+
 TAG_CLUSTER = "tfcluster:cluster"
 TAG_ROLE = "tfcluster:role"
 TAG_INDEX = "tfcluster:index"
@@ -192,6 +194,8 @@ class ClusterSummary:
     states: dict[str, int] = field(default_factory=dict)
     security_groups: tuple[str, ...] = ()
     lock: ClusterLock | None = None
+    bucket: str | None = None
+    """The cluster bucket, tagged for it (`BucketStore`), or None."""
 
     @property
     def live_nodes(self) -> int:
@@ -297,7 +301,8 @@ class NodeProvider(abc.ABC):
 
     @abc.abstractmethod
     def clusters(self) -> list[ClusterSummary]:
-        """Every cluster that still holds a live node, a firewall group or a lock."""
+        """Every cluster that still holds a live node, a firewall group or a lock (and,
+        for a provider that is also a `BucketStore`, a bucket)."""
 
     @abc.abstractmethod
     def terminate(self, instance_ids: Sequence[str]) -> None:
@@ -328,3 +333,53 @@ class NodeProvider(abc.ABC):
         on_progress: Progress = no_progress,
     ) -> None:
         """Wait until every node is terminated (or gone); bounded by ``timeout``."""
+
+
+class BucketStore(abc.ABC):
+    """The cluster bucket: what ``up`` stages for instances, content-addressed.
+
+    A provider that has one implements this beside `NodeProvider` (the EC2
+    provider does, with S3). Lifecycle: ``up`` calls `ensure_bucket`, uploads
+    the objects whose keys `bucket_keys` lacks, and renders each launch's
+    user-data with `presign` URLs; a failed ``up`` that created the bucket,
+    and every ``down``, call `delete_bucket`; ``ls`` reads `buckets`. The
+    bucket carries the cluster tag, blocks public access and encrypts at rest.
+    """
+
+    @abc.abstractmethod
+    def bucket_name(self, cluster: str) -> str:
+        """The cluster's bucket name: the same on every call, for every run."""
+
+    @abc.abstractmethod
+    def find_bucket(self, cluster: str) -> str | None:
+        """The cluster's bucket if it exists, or None. Changes nothing.
+
+        `ProviderError` (a `BucketConflict`) when the name belongs to another
+        account or is tagged for another cluster.
+        """
+
+    @abc.abstractmethod
+    def ensure_bucket(self, cluster: str) -> tuple[str, bool]:
+        """Create the bucket if missing, with its tag and settings; ``(name, created)``."""
+
+    @abc.abstractmethod
+    def bucket_keys(self, bucket: str) -> list[str]:
+        """The staged objects' keys the bucket holds now."""
+
+    @abc.abstractmethod
+    def upload(self, bucket: str, objects: Sequence[StagedObject]) -> int:
+        """Put each object under its key (no check for presence: pass the missing
+        ones); return the bytes sent."""
+
+    @abc.abstractmethod
+    def presign(self, bucket: str, key: str, expiry: int) -> str:
+        """A URL that reads ``key`` without credentials for ``expiry`` seconds (<= 7 days)."""
+
+    @abc.abstractmethod
+    def delete_bucket(self, cluster: str) -> tuple[str | None, int]:
+        """Empty (every object and version) and delete the cluster's bucket;
+        ``(name, objects deleted)``, or ``(None, 0)`` when there is none."""
+
+    @abc.abstractmethod
+    def buckets(self) -> dict[str, str]:
+        """cluster -> bucket for every bucket tagged for a cluster in this region."""

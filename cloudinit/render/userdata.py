@@ -22,13 +22,13 @@ import hashlib
 import json
 import logging
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from typing import Any
 
-from tfcluster.cloudinit.config import INSTANCE_ROLES, ClusterConfig, etcd_endpoint
+from tfcluster.cloudinit.config import INSTANCE_ROLES, Artifact, ClusterConfig, etcd_endpoint
 from tfcluster.cloudinit.render.corefile import CorefileSettings, render_corefile
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT, Layout
 from tfcluster.cloudinit.render.templating import render
@@ -62,6 +62,51 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Download:
+    """One file the script fetches and checks: the executables ``names`` come from it.
+
+    ``var`` names its shell variables (``<var>_url``, ``<var>_sha256``).
+    """
+
+    var: str
+    url: str
+    sha256: str
+    names: tuple[str, ...]
+
+
+#: What each role installs: per config override, the executables its download holds.
+_BINARIES = {"coredns": ("coredns",), "etcd": ("etcd", "etcdctl")}
+
+
+def downloads(
+    config: ClusterConfig, role: str, staged: Mapping[str, Artifact] | None = None
+) -> list[Download]:
+    """The binaries one role installs, each as a download the script checks.
+
+    An ``artifacts`` override of the config is one download (an etcd release
+    archive carries etcd and etcdctl); otherwise each executable is its own
+    staged file, ``staged[name]`` (a presigned URL and the SHA-256 that ``up``
+    computed). A binary with neither is a `RenderError`.
+    """
+    wanted = ["coredns", "etcd"] if role == "control" else ["coredns"]
+    out: list[Download] = []
+    for artifact in wanted:
+        override = config.artifacts.get(artifact)
+        if override is not None:
+            out.append(Download(artifact, override.url, override.sha256, _BINARIES[artifact]))
+            continue
+        for name in _BINARIES[artifact]:
+            got = (staged or {}).get(name)
+            if got is None:
+                raise RenderError(
+                    f"artifacts.{artifact}: no override in the config and {name} is not "
+                    "staged (`tfcluster up` stages it in the cluster bucket)"
+                )
+            out.append(Download(name, got.url, got.sha256, (name,)))
+    return out
+
+
+@dataclass(frozen=True)
 class _File:
     path: str
     mode: str
@@ -74,12 +119,14 @@ def render_user_data(
     index: int | None = None,
     etcd_endpoints: Sequence[str] | None = None,
     layout: Layout | None = None,
+    staged: Mapping[str, Artifact] | None = None,
 ) -> bytes:
     """The exact bytes to pass as RunInstances' UserData (before base64).
 
-    ``layout`` defaults to the config's (`layout_of`).
+    ``layout`` defaults to the config's (`layout_of`); ``staged`` maps each
+    binary without a config override to its presigned URL and SHA-256 (`downloads`).
     """
-    parts = render_parts(config, role, index, etcd_endpoints, layout)
+    parts = render_parts(config, role, index, etcd_endpoints, layout, staged)
     plain = _multipart(parts)
     if len(plain) <= USER_DATA_LIMIT:
         return plain
@@ -99,6 +146,7 @@ def render_parts(
     index: int | None = None,
     etcd_endpoints: Sequence[str] | None = None,
     layout: Layout | None = None,
+    staged: Mapping[str, Artifact] | None = None,
 ) -> tuple[Part, ...]:
     """The cloud-config and the script of one instance, readable.
 
@@ -115,13 +163,15 @@ def render_parts(
     ctx = {"role": role, "cluster": config.cluster, "zone": config.zone}
     packages = ["curl"] if control else ["curl", "python3-venv"]
     files = _files(config, role, index, endpoints, layout)
+    installs = downloads(config, role, staged)
     services = ("etcd", "coredns") if control else ("coredns", "agent")
     script = render(
         "user-data.sh.j2",
         **ctx,
         control=control,
         install_agent=not layout.agent_venv,
-        variables=_script_variables(config, role, layout),
+        variables=_script_variables(config, role, layout, installs),
+        installs=[(d.var, d.names) for d in installs],
         lifetime=_duration(config.max_lifetime),
         files=files,
         eof=_EOF,
@@ -173,20 +223,20 @@ def _endpoints(
         raise RenderError(str(exc)) from None
 
 
-def _script_variables(config: ClusterConfig, role: str, layout: Layout) -> list[tuple[str, str]]:
+def _script_variables(
+    config: ClusterConfig, role: str, layout: Layout, installs: Sequence[Download]
+) -> list[tuple[str, str]]:
     """The shell variables at the top of the script, quoted; only those the role uses."""
     values: dict[str, Any] = {
         "bin_dir": layout.bin_dir,
         "service_user": layout.service_user,
         "nsswitch": layout.nsswitch,
         "systemctl": layout.systemctl,
-        "coredns_url": config.artifacts["coredns"].url,
-        "coredns_sha256": config.artifacts["coredns"].sha256,
     }
+    for item in installs:
+        values |= {f"{item.var}_url": item.url, f"{item.var}_sha256": item.sha256}
     if role == "control":
         values |= {
-            "etcd_url": config.artifacts["etcd"].url,
-            "etcd_sha256": config.artifacts["etcd"].sha256,
             "etcd_env": _etcd_env(layout),
             "etcd_data_dir": _etcd_data_dir(layout),
             "etcd_client_port": layout.etcd_client_port,
