@@ -25,12 +25,14 @@ CreateKeyPair of one name can both succeed), where EC2's are.
 from __future__ import annotations
 
 import io
+import os
 import re
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -302,3 +304,29 @@ def s3_client(url: str, signature: str = "s3v4") -> Any:
         aws_secret_access_key="testing",
         config=Config(signature_version=signature, retries={"max_attempts": 1}),
     )
+
+
+def fake_aws_env(folder: Path, region: str = "us-east-1") -> dict[str, str]:
+    """What a test process needs from the environment to use AWS clients with fake
+    credentials and nothing of this machine's AWS set-up or metadata service."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": region,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"),
+    }
+
+
+def without_aws(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less every AWS_ and TFCLUSTER_ variable (profiles, endpoints, tokens)."""
+    return {k: v for k, v in environ.items() if not k.startswith(("AWS_", "TFCLUSTER_"))}
+
+
+def use_fake_aws(monkeypatch: Any, folder: Path, region: str = "us-east-1") -> None:
+    """`fake_aws_env` for this test's own process (a pytest ``monkeypatch``)."""
+    for name in set(os.environ) - set(without_aws(os.environ)):
+        monkeypatch.delenv(name)
+    for name, value in fake_aws_env(folder, region).items():
+        monkeypatch.setenv(name, value)

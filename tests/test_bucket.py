@@ -20,7 +20,6 @@ from __future__ import annotations
 import email
 import gzip
 import hashlib
-import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from moto.ec2.models.amis import AMIS
 from test_userdata import Sandbox
 
 from conftest import require_tool
-from controlled_moto import ControlledMoto, running
+from controlled_moto import ControlledMoto, running, use_fake_aws
 from tfcluster.cloudinit import cli, plan, provision
 from tfcluster.cloudinit.cloud.bucket import BucketConflict, bucket_name
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
@@ -96,15 +95,7 @@ def moto() -> Iterator[ControlledMoto]:
 @pytest.fixture
 def server(moto: ControlledMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """The server, emptied; fake credentials and nothing read from this machine's AWS set-up."""
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "TFCLUSTER_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    use_fake_aws(monkeypatch, tmp_path, REGION)
     moto.reset_state()
     yield moto
     moto.clear()

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from moto.ec2.models.amis import AMIS
 
-from controlled_moto import ControlledMoto, running, tag_value
+from controlled_moto import ControlledMoto, fake_aws_env, running, tag_value, without_aws
 from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, TAG_EXPIRES, TAG_ROLE
 
 REGION = "us-east-1"
@@ -81,16 +81,7 @@ def server(moto: ControlledMoto) -> Iterator[ControlledMoto]:
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     """Fake credentials; nothing read from this machine's AWS set-up."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TFCLUSTER_"))}
-    return {
-        **keep,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-    }
+    return {**without_aws(os.environ), **fake_aws_env(tmp_path, REGION)}
 
 
 def write_config(tmp_path: Path, cluster: str = "demo", **extra: Any) -> Path:

@@ -28,6 +28,7 @@ from moto import mock_aws
 from moto.ec2.models.amis import AMIS as DEFAULT_AMIS
 from moto.server import ThreadedMotoServer
 
+from controlled_moto import use_fake_aws
 from tfcluster.cloudinit import cli, plan, provision
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
 from tfcluster.cloudinit.cloud.provider import (
@@ -71,25 +72,7 @@ def mutating(calls: list[str]) -> list[str]:
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Fake credentials; nothing read from the machine's AWS setup or its metadata service."""
-    for name in (
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_EC2",
-        "AWS_ENDPOINT_URL_SSM",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "TFCLUSTER_ENDPOINT_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    use_fake_aws(monkeypatch, tmp_path, REGION)
 
 
 @pytest.fixture
