@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import click
 
@@ -32,7 +32,7 @@ from tfcluster.cloudinit.terminal import (
 from tfcluster.discovery.cli import main as main  # the tfcluster group; these load lazily
 
 
-def commands() -> Any:
+def commands() -> ModuleType:
     """The local cloud's command bodies, imported only for --local."""
     from tfcluster.cloudinit.localcloud import commands as local_commands
 

@@ -264,9 +264,8 @@ def _apply(
 
     def signed() -> dict[str, Artifact] | None:
         """Presigned URLs made afresh for each launch (signing is local: no call)."""
-        if bucket is None:
-            return None
-        assert isinstance(provider, BucketStore)  # _stage made the bucket
+        if bucket is None or not isinstance(provider, BucketStore):
+            return None  # nothing staged: _stage makes a bucket only on a BucketStore
         return {
             o.filename: Artifact(provider.presign(bucket, o.key, config.url_expiry), o.sha256)
             for o in plan.staged
