@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import TEST_CLUSTER, TEST_ZONE
+from conftest import TEST_CLUSTER, TEST_ZONE, dns_caught_up
 from tfcluster.discovery import dns, etcdclient, records
 from tfcluster.discovery.identity import Identity
 from tfcluster.discovery.registry import NameTaken, Registry, list_records
@@ -23,9 +23,10 @@ def ident(instance: str, ip: str, member: records.Member = W2, port: int = 2222)
     return Identity(member, ip, port, instance)
 
 
-def test_claim_is_served_by_coredns_with_owner_field(stack, clean_cluster):
+def test_claim_is_served_by_coredns_with_owner_field(stack, etcd, clean_cluster):
     reg = registry(stack)
     reg.claim(ident("i-a", "127.0.20.1"))
+    dns_caught_up(etcd)  # CoreDNS follows etcd through a watch
     assert dns.resolve_a(stack.dns_server, "worker2.tensorflow.local") == ["127.0.20.1"]
     members = dns.members(stack.dns_server, TEST_ZONE)
     assert members[W2] == dns.Endpoint("127.0.20.1", 2222)
@@ -68,23 +69,27 @@ def test_racing_claims_have_exactly_one_winner(stack, etcd, clean_cluster):
         t.join(timeout=20)
     assert sorted(outcomes) == ["taken"] * 7 + ["won"]
     winner = next(c for c in contenders if c.lease is not None)
+    dns_caught_up(etcd)  # CoreDNS follows etcd through a watch
     assert dns.resolve_a(stack.dns_server, "worker2.tensorflow.local") == [winner.identity.ip]
 
 
-def test_expired_or_released_name_is_free_again(stack, clean_cluster):
+def test_expired_or_released_name_is_free_again(stack, etcd, clean_cluster):
     first, second = registry(stack), registry(stack)
     first.claim(ident("i-a", "127.0.20.1"))
     first.release()
+    dns_caught_up(etcd)  # CoreDNS follows etcd through a watch
     assert dns.resolve_a(stack.dns_server, "worker2.tensorflow.local") == []
     assert first.keepalive() is False
     second.claim(ident("i-b", "127.0.20.2"))
+    dns_caught_up(etcd)  # CoreDNS follows etcd through a watch
     assert dns.resolve_a(stack.dns_server, "worker2.tensorflow.local") == ["127.0.20.2"]
 
 
-def test_same_instance_takes_over_its_own_stale_claim(stack, clean_cluster):
+def test_same_instance_takes_over_its_own_stale_claim(stack, etcd, clean_cluster):
     crashed, restarted = registry(stack), registry(stack)
     crashed.claim(ident("i-a", "127.0.20.1"))
     restarted.claim(ident("i-a", "127.0.20.1", port=2230))
+    dns_caught_up(etcd)  # CoreDNS follows etcd through a watch
     assert dns.members(stack.dns_server, TEST_ZONE)[W2].port == 2230
     assert crashed.keepalive() is True  # the old lease lives on, but holds no key
     assert restarted.keepalive() is True
@@ -96,4 +101,5 @@ def test_lost_lease_is_detected(stack, etcd, clean_cluster):
     etcd.revoke_lease(reg.lease.id)
     assert reg.keepalive() is False
     reg.claim(ident("i-a", "127.0.20.1"))
+    dns_caught_up(etcd)  # CoreDNS follows etcd through a watch
     assert dns.resolve_a(stack.dns_server, "worker2.tensorflow.local") == ["127.0.20.1"]
