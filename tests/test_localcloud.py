@@ -33,6 +33,7 @@ needs_netns = pytest.mark.skipif(
 CLUSTER = "lctest"
 CRASH_CLUSTER = "lccrash"
 LOOPBACK_CLUSTER = "lcloop"
+S3_CLUSTER = "lcs3"
 STEPS = 200_000
 """Far more than the tests wait for: the chief is still training when the worker is replaced."""
 STEP = re.compile(r"^step (\d+) loss ([0-9.]+)$", re.MULTILINE)
@@ -213,6 +214,39 @@ def test_down_cleans_up_after_a_crash() -> None:
     down_cli(CRASH_CLUSTER)
     assert leftovers(crashed) == NOTHING
     assert "nothing to remove" in down_cli(CRASH_CLUSTER)
+
+
+@needs_netns
+def test_an_instance_namespace_fetches_a_presigned_url_of_moto_on_the_bridge() -> None:
+    """moto listens on the bridge's own address and signs URLs for it: a namespace on the
+    subnet, which cannot reach the host's 127.0.0.1, fetches a staged object by its URL."""
+    s3cloud = LocalCloud(S3_CLUSTER)
+    s3cloud.down()
+    try:
+        s3cloud.prepare({"chief": 0, "ps": 1, "workers": 1})
+        url = motoserver.endpoint(s3cloud.moto_dir)
+        assert url is not None and url.startswith(f"http://{network.gateway()}:")
+        provider = s3cloud.provider()
+        bucket, _ = provider.ensure_bucket(S3_CLUSTER)
+        provider.s3.put_object(Bucket=bucket, Key="objects/probe", Body=b"staged bytes\n")
+        signed = provider.presign(bucket, "objects/probe", 600)
+        assert signed.startswith(f"{url}/{bucket}/objects/probe?")
+        assert "X-Amz-Signature=" in signed
+        ns = network.attach(S3_CLUSTER, "i-0000000000000abc", "198.18.0.200")
+        curl = ["curl", "--fail", "--silent", "--show-error", "--max-time", "10", signed]
+        fetched = subprocess.run(
+            network.exec_argv(ns, curl), capture_output=True, text=True, timeout=30
+        )
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout == "staged bytes\n"
+        # The host's loopback is another machine's from inside: not how instances get there.
+        port = url.rsplit(":", 1)[1]
+        loop = [*curl[:-1], f"http://127.0.0.1:{port}/moto-api/"]
+        refused = subprocess.run(network.exec_argv(ns, loop), capture_output=True, timeout=30)
+        assert refused.returncode != 0
+    finally:
+        s3cloud.down()
+    assert leftovers(s3cloud) == NOTHING
 
 
 def test_loopback_mode_boots_a_cluster_on_loopback_addresses() -> None:

@@ -203,10 +203,13 @@ class LocalCloud:
             raise LocalCloudError(f"cannot read the cluster's config: {exc}") from None
 
     def provider(self, *, start: bool = False) -> motoserver.MotoProvider:
-        """The EC2 provider talking to this cluster's moto server."""
+        """The EC2 provider talking to this cluster's moto server (`Host.api_address`)."""
         try:
-            url = motoserver.ensure(self.moto_dir) if start else motoserver.endpoint(self.moto_dir)
-        except (motoserver.MotoServerError, daemons.DaemonError) as exc:
+            if start:
+                url: str | None = motoserver.ensure(self.moto_dir, self.host.api_address())
+            else:
+                url = motoserver.endpoint(self.moto_dir)
+        except (motoserver.MotoServerError, daemons.DaemonError, network.NetworkError) as exc:
             raise LocalCloudError(str(exc)) from None
         if url is None:
             raise LocalCloudError(

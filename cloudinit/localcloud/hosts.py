@@ -1,10 +1,11 @@
 """Where a local instance lives: its own network namespace, or a loopback address.
 
-The two host modes differ in five things, and only here:
+The two host modes differ in six things, and only here:
 
 | | ``NetnsHost`` (root) | ``LoopbackHost`` (no root) |
 | --- | --- | --- |
 | subnet | 198.18.0.0/24 on the cluster's bridge | 127.77.0.0/24 of this machine |
+| the moto server (EC2, S3) | on the bridge's own address, 198.18.0.1 | on 127.0.0.1 |
 | boot | the user-data as EC2 holds it, in the namespace | re-rendered with its own layout |
 | processes | every process in the namespace | the pid files in the instance's folder |
 | release | detach the namespace | nothing |
@@ -39,6 +40,14 @@ class Host(abc.ABC):
     def check(self) -> str | None:
         """Why this machine cannot host the cluster this way, or None."""
         return None
+
+    @abc.abstractmethod
+    def api_address(self) -> str:
+        """The address of this machine where the instances reach the moto server.
+
+        The presigned URLs of the cluster bucket are signed for it, so it must
+        be one the instances can dial; it is made ready here if need be.
+        """
 
     @abc.abstractmethod
     def boot(self, node: Node, user_data: bytes, folder: Path, control: Node | None) -> None:
@@ -79,6 +88,16 @@ class NetnsHost(Host):
             "'ip netns'; run as root, or use another cluster with --loopback"
         )
 
+    def api_address(self) -> str:
+        """The bridge's own address: on the instances' subnet, assigned by the local cloud.
+
+        A namespace has a loopback of its own, so the host's 127.0.0.1 is out
+        of its reach; the bridge is made here, before any instance, so that
+        the server can listen on it.
+        """
+        network.ensure_bridge(self.cluster, self.cidr)
+        return network.gateway(self.cidr)
+
     def boot(self, node: Node, user_data: bytes, folder: Path, control: Node | None) -> None:
         instance.boot_netns(
             node, user_data, cluster=self.cluster, folder=folder, machine_root=self.machine_root
@@ -111,6 +130,10 @@ class LoopbackHost(Host):
     def __init__(self, cluster: str, config: Callable[[], ClusterConfig]) -> None:
         super().__init__(cluster)
         self.config = config
+
+    def api_address(self) -> str:
+        """This machine's 127.0.0.1, which every loopback instance shares."""
+        return "127.0.0.1"
 
     def boot(self, node: Node, user_data: bytes, folder: Path, control: Node | None) -> None:
         etcd = None

@@ -1,13 +1,20 @@
-"""The EC2 API of the local cloud: a moto server on 127.0.0.1, started once per cluster.
+"""The EC2 and S3 APIs of the local cloud: a moto server, started once per cluster.
 
-    python -m tfcluster.cloudinit.localcloud.motoserver --state-dir RUN --port P
+    python -m tfcluster.cloudinit.localcloud.motoserver --state-dir RUN --host H --port P
 
-runs moto's server until SIGTERM (the state folder is named on the command
-line so that `tfcluster.cloudinit.localcloud.daemons` can find the process again).
-``ensure`` starts it in the background, or reuses the one already running,
-and returns its endpoint once it answers HTTP. moto keeps its state in
-memory: a restarted server knows no instances, and ``LocalCloud.sync``
-tears down whatever it booted for the old one.
+runs moto's server on H:P until SIGTERM (the state folder is named on the
+command line so that `tfcluster.cloudinit.localcloud.daemons` can find the
+process again). ``ensure`` starts it in the background, or reuses the one
+already running, and returns its endpoint once it answers HTTP. moto keeps
+its state in memory: a restarted server knows no instances, and
+``LocalCloud.sync`` tears down whatever it booted for the old one.
+
+The host is where the instances can reach it, because they fetch what `up`
+staged in the cluster bucket (moto's S3) with presigned URLs, and a URL is
+signed for the endpoint the client uses: 127.0.0.1 in loopback mode, the
+bridge's own address (the subnet's first host, which the local cloud gives
+itself) in netns mode, whose namespaces cannot reach the host's loopback.
+Every client, the operator's included, uses that one endpoint.
 
 Clients use a session with fake credentials of their own (`session`), so
 nothing of the operator's AWS set-up is read or sent anywhere.
@@ -20,6 +27,7 @@ import signal
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -72,8 +80,8 @@ class MotoProvider(Ec2Provider):
         return str(min(image["ImageId"] for image in images))
 
 
-def _port_file(state_dir: Path) -> Path:
-    return state_dir / "moto.port"
+def _url_file(state_dir: Path) -> Path:
+    return state_dir / "moto.url"
 
 
 def endpoint(state_dir: Path) -> str | None:
@@ -81,20 +89,32 @@ def endpoint(state_dir: Path) -> str | None:
     if daemons.running(state_dir, NAME) is None:
         return None
     try:
-        return f"http://{HOST}:{int(_port_file(state_dir).read_text())}"
-    except (OSError, ValueError):
+        url = _url_file(state_dir).read_text().strip()
+    except OSError:
         return None
+    return url or None
 
 
-def ensure(state_dir: Path, timeout: float = READY_TIMEOUT) -> str:
-    """Start the server unless it runs; return its endpoint once it answers."""
+def ensure(state_dir: Path, host: str = HOST, timeout: float = READY_TIMEOUT) -> str:
+    """Start the server on ``host`` unless it runs; return its endpoint once it answers.
+
+    ``host`` must be an address of this machine. A server already running
+    for ``state_dir`` is reused only if it listens there; one on another
+    address is an error (its presigned URLs would not reach the instances).
+    """
     url = endpoint(state_dir)
+    if url is not None and urllib.parse.urlsplit(url).hostname != host:
+        raise MotoServerError(
+            f"the moto server of {state_dir} listens at {url}, not on {host}: "
+            "run 'down --local' first"
+        )
     if url is None:
-        port = free_port(HOST)
-        argv = [sys.executable, "-m", __name__, "--state-dir", str(state_dir), "--port", str(port)]
+        port = free_port(host)
+        argv = [sys.executable, "-m", __name__, "--state-dir", str(state_dir),
+                "--host", host, "--port", str(port)]  # fmt: skip
         daemons.start(state_dir, NAME, argv)
-        _port_file(state_dir).write_text(f"{port}\n")
-        url = f"http://{HOST}:{port}"
+        url = f"http://{host}:{port}"
+        _url_file(state_dir).write_text(f"{url}\n")
 
     daemons.await_ready(
         state_dir, NAME, lambda: _answers(url),
@@ -106,7 +126,7 @@ def ensure(state_dir: Path, timeout: float = READY_TIMEOUT) -> str:
 def stop(state_dir: Path) -> bool:
     """Stop the server; True if one was running."""
     stopped = daemons.stop(state_dir, NAME)
-    _port_file(state_dir).unlink(missing_ok=True)
+    _url_file(state_dir).unlink(missing_ok=True)
     return stopped
 
 
@@ -129,8 +149,9 @@ def _answers(url: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve moto's EC2 API until SIGTERM.")
+    parser = argparse.ArgumentParser(description="Serve moto's EC2 and S3 APIs until SIGTERM.")
     parser.add_argument("--state-dir", type=Path, required=True, help="the local cloud's folder")
+    parser.add_argument("--host", default=HOST, help="the address to listen on")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     from moto.server import ThreadedMotoServer
@@ -138,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
-    server = ThreadedMotoServer(ip_address=HOST, port=args.port, verbose=False)
+    server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     server.start()
-    print(f"moto server on {HOST}:{args.port} for {args.state_dir}", flush=True)
+    print(f"moto server on {args.host}:{args.port} for {args.state_dir}", flush=True)
     done.wait()
     server.stop()
     return 0
