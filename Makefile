@@ -27,8 +27,8 @@ system:
 	@scripts/install-system-packages
 
 lint: setup
-	$(VENV)/bin/ruff check $(PKGS) tests scripts
-	$(VENV)/bin/ruff format --check $(PKGS) tests scripts
+	$(VENV)/bin/ruff check $(PKGS) tests scripts examples
+	$(VENV)/bin/ruff format --check $(PKGS) tests scripts examples
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/tfcluster
 	@for p in $(PKGS); do ln -s ../../../$$p $(TYPECHECK)/tfcluster/$$p; done
 	$(VENV)/bin/mypy $(TYPECHECK)/tfcluster

@@ -17,6 +17,7 @@ import ipaddress
 import re
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -250,6 +251,22 @@ def program(value: Any) -> tuple[str, ...]:
     if not argv or not all(arg.isprintable() for arg in argv):
         raise ValueError(f"must be a non-empty command on one line, got {value!r}")
     return tuple(argv)
+
+
+def program_dir(value: Any) -> str:
+    """An existing folder on this machine (relative: to the current one), made absolute.
+
+    Checked here so that a mistyped folder is a one-line error before
+    anything is created; `stage.bundle` checks it again when it packs it.
+    """
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
+        raise ValueError(f"must be the path of a folder, got {value!r}")
+    folder = Path(value).expanduser().absolute()
+    if not folder.is_dir():
+        raise ValueError(
+            f"{value} is not a folder" if folder.exists() else f"{value} does not exist"
+        )
+    return str(folder)
 
 
 Boolean = Annotated[bool, PlainValidator(boolean)]

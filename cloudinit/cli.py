@@ -64,6 +64,12 @@ _local_option = click.option(
 @_region_option
 @click.option("--workers", type=int, help="Number of workers.")
 @click.option("--ps", type=int, help="Number of parameter servers.")
+@click.option(
+    "--program-dir",
+    metavar="DIR",
+    help="A folder staged in the cluster bucket and unpacked on the chief as its "
+    "program's working directory (the config's program_dir).",
+)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted for nested keys).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
@@ -92,6 +98,7 @@ def up(
     region: str | None,
     workers: int | None,
     ps: int | None,
+    program_dir: str | None,
     settings: tuple[str, ...],
     dry_run: bool,
     yes: bool,
@@ -116,7 +123,13 @@ def up(
         raise click.UsageError("--loopback applies to --local only")
     with one_line_errors(), sigterm_interrupts():
         overrides = parse_overrides(settings)
-        named = {"cluster": cluster, "region": region, "workers": workers, "ps": ps}
+        named = {
+            "cluster": cluster,
+            "region": region,
+            "workers": workers,
+            "ps": ps,
+            "program_dir": program_dir,
+        }
         overrides.update({key: value for key, value in named.items() if value is not None})
         if local:
             commands().up_local(config_path, overrides, endpoint_url, dry_run, steps, loopback)
@@ -344,16 +357,17 @@ def render(
     """Print the user-data one instance of ROLE would receive: readable parts,
     or with --raw the exact bytes RunInstances gets.
 
-    A binary that `up` would stage is shown with its SHA-256 (computed here) and
-    a stand-in URL: the presigned URL exists only once `up` has signed it."""
+    What `up` would stage (binaries, wheel, constraints, program bundle) is
+    shown with its SHA-256 (computed here) and a stand-in URL: the presigned
+    URL exists only once `up` has signed it."""
     with one_line_errors():
         config = load_config(config_path, parse_overrides(overrides))
         endpoints = list(etcd_endpoints) or None
         staged = {
-            o.filename: Artifact(
+            plan.fetch_name(o): Artifact(
                 f"https://cluster-bucket.invalid/{o.key}?presigned-by-up", o.sha256
             )
-            for o in plan.staged_binaries(config)
+            for o in plan.staged_objects(config)
         }
         try:
             data = render_user_data(config, role, index, endpoints, staged=staged)

@@ -32,11 +32,15 @@ The file (every key optional except ``cluster``)::
     url_expiry: 6h                   # lifetime of the bucket's presigned URLs (10m..7d)
     download_binaries: false         # true: fetch missing static binaries from the pinned
                                      #   releases on this machine (checked) before staging
-    agent_package: tfcluster[tf]     # pip requirement installed into the agent's venv
     tf_port: 2222
     lease_ttl: 10                    # seconds an instance's names outlive it
     record_ttl: 5                    # DNS TTL of each record
-    program: null                    # chief only: the training command, e.g. "python3 train.py"
+    program: null                    # chief only: the training command, e.g. "python3 train.py";
+                                     #   runs with the agent venv's bin first on PATH
+    program_dir: null                # chief only: a folder here (relative: to the current
+                                     #   one), staged as a bundle (.tfclusterignore honoured,
+                                     #   64 MiB compressed at most) and unpacked on the chief
+                                     #   as the program's working directory
     max_instances: 16                # up asks for confirmation above this many instances
     max_lifetime: null               # e.g. 12h, 90m, 2d, 1d12h (10m..30d): every instance shuts
                                      #   itself down (and so terminates) after that long
@@ -128,11 +132,11 @@ class ClusterConfig:
     spot_workers: bool
     etcd_endpoints: tuple[str, ...]
     artifacts: Mapping[str, Artifact]
-    agent_package: str
     tf_port: int
     lease_ttl: int
     record_ttl: int
     program: tuple[str, ...] | None
+    program_dir: str | None = None
     layout: Mapping[str, str | int | bool] = field(default_factory=lambda: MappingProxyType({}))
     max_instances: int = 16
     max_lifetime: int | None = None

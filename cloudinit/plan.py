@@ -5,17 +5,20 @@ what is missing: one launch per role with count N for a role that has no
 node (so the launch index is the task index), one launch per missing index
 when repairing. The plan also says what it costs (instances per type) and
 why the operator should be asked first (`confirmation_reasons`), and what
-goes into the cluster bucket: the static binaries that the config gives no
-``artifacts`` override for (`staged_binaries`), and how many of their bytes
-the bucket still lacks.
+goes into the cluster bucket (`staged_objects`): the static binaries that
+the config gives no ``artifacts`` override for, the tfcluster wheel with its
+constraints, the program bundle of ``program_dir``; and how many of their
+bytes the bucket still lacks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
@@ -29,7 +32,7 @@ from tfcluster.cloudinit.cloud.provider import (
 )
 from tfcluster.cloudinit.config import UBUNTU_AMI_SSM_PARAMETER, ClusterConfig
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT
-from tfcluster.cloudinit.stage import artifacts, manifest, wheel
+from tfcluster.cloudinit.stage import artifacts, bundle, manifest, wheel
 from tfcluster.cloudinit.stage.manifest import StagedObject
 from tfcluster.discovery.records import ROLES
 
@@ -160,6 +163,46 @@ def staged_binaries(config: ClusterConfig) -> list[StagedObject]:
     return artifacts.stage_binaries(STAGE_ARCH, {name: found[name] for name in wanted})
 
 
+def staged_bundle(config: ClusterConfig) -> StagedObject | None:
+    """``program_dir`` packed as the chief's program bundle, or None without one.
+
+    Built in the cache under a name derived from the folder's path, so two
+    clusters' programs do not overwrite each other; a missing folder or a
+    bundle over the limit is a one-line `StageError` before anything is created.
+    """
+    if config.program_dir is None:
+        return None
+    folder = config.program_dir
+    where = hashlib.sha256(folder.encode()).hexdigest()[:16]
+    out = artifacts.cache_root() / "bundles" / where / bundle.BUNDLE_FILENAME
+    return bundle.build_bundle(Path(folder), out).staged()
+
+
+def staged_objects(config: ClusterConfig) -> list[StagedObject]:
+    """Everything the instances fetch from the cluster bucket, built and hashed here.
+
+    The binaries (`staged_binaries`), the wheel of this tfcluster and the
+    constraints it is installed with (always: every task installs its agent
+    from them), and the program bundle when ``program_dir`` is set.
+    """
+    objects = staged_binaries(config) + wheel.stage_wheel(artifacts.cache_root())
+    program = staged_bundle(config)
+    return objects if program is None else [*objects, program]
+
+
+FETCHED_BY_NAME = ("wheel", "constraints", "bundle")
+"""Staged objects the user-data asks for by manifest name; binaries go by file name."""
+
+
+def fetch_name(obj: StagedObject) -> str:
+    """The name the user-data knows a staged object by: ``etcd``, ``wheel``, ``bundle``.
+
+    A binary's manifest name carries its architecture (``etcd-amd64``), which
+    one instance never needs to tell apart; its file name is the binary's.
+    """
+    return obj.name if obj.name in FETCHED_BY_NAME else obj.filename
+
+
 def ingress_ports(config: ClusterConfig) -> list[PortRange]:
     """The TCP ports the cluster's nodes dial on each other, and no other.
 
@@ -231,13 +274,12 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
     types: Counter[str] = Counter()
     for item in launches:
         types[config.instance_type(item.role)] += item.count
-    staged = tuple(staged_binaries(config)) if launches else ()
+    staged = tuple(staged_objects(config)) if launches else ()
     bucket, exists, to_upload = None, False, staged
     if staged:
         if not isinstance(provider, BucketStore):
             raise ProviderError(
-                "this cloud has no cluster bucket to stage binaries in: give artifacts "
-                "overrides ({url, sha256}) for coredns and etcd"
+                "this cloud has no cluster bucket to stage the agent's wheel and the binaries in"
             )
         found = provider.find_bucket(config.cluster)
         exists = found is not None

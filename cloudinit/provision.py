@@ -44,6 +44,7 @@ from tfcluster.cloudinit.plan import (
     Launch,
     Plan,
     confirmation_reasons,
+    fetch_name,
     ingress_ports,
     plan_up,
 )
@@ -189,7 +190,7 @@ def up(
     Order: the cluster's lock (a concurrent ``up`` or ``down`` raises
     `ClusterBusy` before anything is read); the plan, and ``confirm`` when
     `confirmation_reasons` says so; security group; the cluster bucket, when
-    the plan stages binaries (created or reused, then only the objects it
+    the plan stages objects (created or reused, then only the objects it
     lacks are uploaded); the control node, whose
     private IP goes into every task's user-data as its etcd endpoint; then
     one launch per role (count N, so the launch index is the task index), or
@@ -267,7 +268,7 @@ def _apply(
         if bucket is None or not isinstance(provider, BucketStore):
             return None  # nothing staged: _stage makes a bucket only on a BucketStore
         return {
-            o.filename: Artifact(provider.presign(bucket, o.key, config.url_expiry), o.sha256)
+            fetch_name(o): Artifact(provider.presign(bucket, o.key, config.url_expiry), o.sha256)
             for o in plan.staged
         }
 
@@ -339,7 +340,7 @@ def _stage(
     if not plan.staged:
         return None, 0, 0.0
     if not isinstance(provider, BucketStore):
-        raise ProviderError("the plan stages binaries but this cloud has no cluster bucket")
+        raise ProviderError("the plan stages objects but this cloud has no cluster bucket")
     started = time.monotonic()
     bucket, created = provider.ensure_bucket(config.cluster)
     if created:

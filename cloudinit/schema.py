@@ -109,11 +109,11 @@ class ConfigFile(BaseModel):
     spot_workers: Boolean = False
     etcd: Annotated[tuple[str, ...], PlainValidator(checks.etcd)] = ()
     artifacts: Artifacts = Artifacts()
-    agent_package: Annotated[str, _one_line("a pip requirement")] = "tfcluster[tf]"
     tf_port: Port = 2222
     lease_ttl: Annotated[int, PlainValidator(integer(2, 3600))] = 10
     record_ttl: Annotated[int, PlainValidator(integer(1, 3600))] = 5
     program: Annotated[tuple[str, ...] | None, PlainValidator(checks.program)] = None
+    program_dir: Annotated[str | None, PlainValidator(checks.program_dir)] = None
     max_instances: Annotated[int, PlainValidator(integer(1, 4 * MAX_TASKS))] = 16
     max_lifetime: Annotated[int | None, PlainValidator(checks.duration)] = None
     url_expiry: Annotated[int, PlainValidator(checks.url_expiry)] = 6 * 3600
@@ -124,6 +124,8 @@ class ConfigFile(BaseModel):
     def _together(self) -> ConfigFile:
         if self.program is not None and self.chief == 0:
             raise ValueError("program: runs on the chief, but chief is 0")
+        if self.program_dir is not None and self.chief == 0:
+            raise ValueError("program_dir: is unpacked on the chief, but chief is 0")
         if self.subnet_id is not None and self.vpc_id is not None:
             raise ValueError("vpc_id: give subnet_id or vpc_id, not both (a subnet has one VPC)")
         if not self.allow_public_zone and not self.zone.endswith(

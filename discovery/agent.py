@@ -247,6 +247,8 @@ class Agent:
         elif self.start_server:
             argv = [sys.executable, "-m", "tfcluster.discovery.tfserver"]
             argv += ["--tf-config", str(self.config.tf_config_path)]
+            if self.config.program_dir is not None and identity.member.role == "chief":
+                argv += ["--program-dir", str(self.config.program_dir)]
             if self.config.program and identity.member.role == "chief":
                 argv += ["--", *self.config.program]
             child = self.child = subprocess.Popen(argv, env=etcdclient.child_environment())

@@ -142,6 +142,19 @@ def _path(key: str, value: Any, read: Mapping[str, Any]) -> Path:
     return Path(_text(key, value, read))
 
 
+def _optional_path(key: str, value: Any, read: Mapping[str, Any]) -> Path | None:
+    if value is None:
+        return None
+    path = _path(key, value, read)
+    if not path.is_absolute():
+        raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
+    return path
+
+
+def _write_optional_path(value: Path | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def _address_mode(key: str, value: Any, _: Mapping[str, Any]) -> str:
     if value not in ADDRESS_MODES:
         raise ConfigError(f"{key}: must be 'names' or 'ips', got {value!r}")
@@ -258,6 +271,11 @@ class AgentConfig:
         default=None, metadata=_key(_argv, _write_list, quiet=True)
     )
     """The chief's program (an argv); None: the chief only holds its name."""
+    program_dir: Path | None = field(
+        default=None, metadata=_key(_optional_path, _write_optional_path, quiet=True)
+    )
+    """The chief program's working directory (where the user-data unpacked the
+    program bundle); None: the agent's own."""
     barrier_timeout: float = field(
         default=600.0, metadata=_key(_seconds, _write_seconds, quiet=True)
     )

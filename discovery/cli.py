@@ -123,6 +123,10 @@ def agent(config_path: Path, no_server: bool, verbose: bool) -> None:
     from tfcluster.discovery.imds import IMDSClient, IMDSError
 
     config = _config(config_path)
+    # Where this agent's code comes from: on an instance, the venv the user-data made.
+    logging.getLogger("tfcluster.agent").info(
+        "tfcluster agent from %s", Path(__file__).resolve().parent.parent
+    )
     try:
         imds = IMDSClient(config.imds_endpoint)
     except IMDSError as exc:

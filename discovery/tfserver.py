@@ -1,13 +1,16 @@
 """The TensorFlow process the agent spawns once TF_CONFIG is written.
 
-    python -m tfcluster.discovery.tfserver [--tf-config PATH] [-- PROGRAM ARG...]
+    python -m tfcluster.discovery.tfserver [--tf-config PATH] [--program-dir DIR] [-- PROGRAM...]
     python -m tfcluster.discovery.tfserver --tf-config PATH --wait-config
 
 ps and worker tasks run a gRPC ``tf.distribute.Server`` for their task; it
 listens on all interfaces at the port of the task's address in the cluster
 spec (so several tasks on one host need distinct ports). The chief runs the
 training program (default: ``python -m tfcluster.discovery.train``) in place of
-this process, with TF_CONFIG in its environment.
+this process, with TF_CONFIG in its environment, the folder of this
+interpreter (the agent venv's bin) first on PATH, so that ``python3`` in the
+program's command is the venv's, and ``--program-dir`` (where the chief
+unpacked the program bundle) as its working directory.
 
 Without ``--tf-config`` the document is read from the TF_CONFIG variable.
 SIGTERM and SIGINT stop a server with exit status 0.
@@ -109,10 +112,22 @@ def preload_then_serve(tf_config: str) -> signal.Signals | None:
     return serve(document, stopped)
 
 
-def run_program(document: dict[str, Any], program: list[str]) -> None:
+def program_environment(document: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """The chief program's environment: TF_CONFIG, and this interpreter's folder first on PATH.
+
+    That folder is the agent venv's bin, where ``python3`` sees TensorFlow
+    and tfcluster; the system's python3 (systemd's PATH) sees neither.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    rest = [p for p in environ.get("PATH", os.defpath).split(os.pathsep) if p and p != bin_dir]
+    return dict(environ, TF_CONFIG=json.dumps(document), PATH=os.pathsep.join([bin_dir, *rest]))
+
+
+def run_program(document: dict[str, Any], program: list[str], program_dir: str | None) -> None:
     """Replace this process with the chief's program: signals reach it directly."""
-    env = dict(os.environ, TF_CONFIG=json.dumps(document))
-    os.execvpe(program[0], program, env)
+    if program_dir is not None:
+        os.chdir(program_dir)
+    os.execvpe(program[0], program, program_environment(document, dict(os.environ)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "--wait-config", action="store_true",
         help="ps/worker: import TensorFlow, then wait for 'go' on stdin before reading the config",
     )  # fmt: skip
+    parser.add_argument(
+        "--program-dir", help="chief only: the program's working directory (its unpacked bundle)"
+    )
     parser.add_argument("program", nargs="*", help="chief only: program to run, after --")
     args = parser.parse_args(argv)
     try:
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ClusterSpecError("no TF_CONFIG: pass --tf-config PATH or set TF_CONFIG")
         document = read_tf_config(text)
         if document["task"]["type"] == "chief":
-            run_program(document, args.program or list(DEFAULT_PROGRAM))
+            run_program(document, args.program or list(DEFAULT_PROGRAM), args.program_dir)
         stopped = serve(document)
     except (OSError, ClusterSpecError, ServerStartError) as exc:
         print(f"tfserver: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ and are stopped at the end of the session whether tests passed or failed.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import shutil
 from collections.abc import Iterator, Mapping
@@ -140,3 +141,22 @@ def clean_cluster(stack: localstack.StackSettings, etcd: Any) -> Iterator[str]:
     )
     yield prefix
     etcd.delete_prefix(prefix)
+
+
+def stand_in_staged() -> dict[str, Any]:
+    """What `up` stages for a task beyond its binaries (the wheel, its constraints and
+    a program bundle), as stand-in presigned URLs: rendering needs only each URL and
+    SHA-256. Tests that fetch the objects stage real ones (test_bucket.py)."""
+    from tfcluster.cloudinit.config import Artifact
+
+    files = {
+        "wheel": "tfcluster-0.1.0-py3-none-any.whl",
+        "constraints": "constraints.txt",
+        "bundle": "program.tar.gz",
+    }
+    staged = {}
+    for name, filename in files.items():
+        sha = hashlib.sha256(name.encode()).hexdigest()
+        url = f"https://cluster-bucket.invalid/objects/{sha}/{filename}?X-Amz-Signature=stand-in"
+        staged[name] = Artifact(url, sha)
+    return staged

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from conftest import stand_in_staged
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
 from tfcluster.cloudinit.config import ConfigError as ClusterConfigError
 from tfcluster.cloudinit.render.userdata import agent_config, layout_of, render_parts
@@ -59,7 +60,7 @@ def cluster_config(tmp_path: Path, variant: str) -> ClusterConfig:
 def rendered_agent_json(config: ClusterConfig, role: str, index: int | None) -> dict[str, Any]:
     """The agent.json here-document of the user-data script, as the instance gets it."""
     endpoints = None if config.etcd_endpoints else CONTROL
-    script = render_parts(config, role, index, endpoints)[1].content
+    script = render_parts(config, role, index, endpoints, staged=stand_in_staged())[1].content
     found = re.search(
         r"^write_file \S+/agent\.json \d+ <<'TFCLUSTER_EOF'\n(.*?)^TFCLUSTER_EOF$",
         script,

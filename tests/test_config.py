@@ -34,7 +34,6 @@ GOOD: dict[str, Any] = {
     "spot_workers": True,
     "etcd": "control-node",
     "artifacts": {"coredns": {"sha256": SHA_A}, "etcd": {"sha256": SHA_B.upper()}},
-    "agent_package": "tfcluster[tf]==0.1.0",
     "tf_port": 2300,
     "lease_ttl": 12,
     "record_ttl": 4,
@@ -76,7 +75,7 @@ def test_minimal_config_takes_defaults():
     assert config.counts == {"chief": 1, "ps": 1, "worker": 2}
     assert config.ami is None and config.ssh_cidr is None and config.key_name is None
     assert config.region is None and config.program is None
-    assert config.agent_package == "tfcluster[tf]"
+    assert config.program_dir is None
     assert config.tf_port == 2222
 
 
@@ -87,6 +86,15 @@ def test_config_without_artifacts_stages_every_binary():
     )
     assert dict(config.artifacts) == {}
     assert config.url_expiry == 6 * 3600 and config.download_binaries is False
+
+
+def test_program_dir_is_made_absolute_and_needs_a_chief(tmp_path, monkeypatch):
+    (tmp_path / "prog").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = load_cluster_config(None, {"cluster": "c1", "program_dir": "prog"})
+    assert config.program_dir == str(tmp_path / "prog")
+    with pytest.raises(ConfigError, match="^program_dir: is unpacked on the chief, but chief"):
+        load_cluster_config(None, {"cluster": "c1", "program_dir": "prog", "chief": 0})
 
 
 def test_one_override_leaves_the_other_binary_staged():
@@ -178,8 +186,10 @@ def test_config_is_frozen(tmp_path):
             {"artifacts": {"coredns": {"sha256": SHA_A, "url": "ftp://x/c.tgz"}}},
             "artifacts.coredns.url: must be an https, http or file URL",
         ),
-        ({"agent_package": "  "}, "agent_package: must be a pip requirement"),
-        ({"agent_package": "tfcluster\nrm -rf /"}, "agent_package: must be a pip requirement"),
+        ({"agent_package": "tfcluster[tf]"}, "agent_package: unknown key"),
+        ({"program_dir": "/nonexistent/prog"}, "program_dir: /nonexistent/prog does not exist"),
+        ({"program_dir": "/etc/hostname"}, "program_dir: /etc/hostname is not a folder"),
+        ({"program_dir": ""}, "program_dir: must be the path of a folder"),
         ({"tf_port": 70000}, "tf_port: must be an integer >= 1 and <= 65535"),
         ({"lease_ttl": 1}, "lease_ttl: must be an integer >= 2 and <= 3600"),
         ({"record_ttl": 0}, "record_ttl: must be an integer >= 1 and <= 3600"),
@@ -343,7 +353,7 @@ def test_etcd_endpoints_are_normalised():
         ("config_dir", "etc/tfcluster", "must be an absolute path"),
         ("unit_dir", "/etc/systemd/my units", "must be an absolute path"),
         ("state_dir", "/var/lib/%h", "must be an absolute path"),
-        ("agent_venv", "/opt/$HOME", "must be an absolute path"),
+        ("image_site_packages", "/opt/$HOME", "must be an absolute path"),
         ("systemctl", "sudo systemctl", "must be a program name or an absolute path"),
         ("shutdown_command", "shutdown;reboot", "must be a program name or an absolute path"),
         ("service_user", "tf cluster", "must be a Linux user name"),

@@ -39,7 +39,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, require_tool
+from conftest import REPO, require_tool, stand_in_staged
 from tfcluster.cloudinit.config import ConfigError, load_cluster_config
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT
 from tfcluster.cloudinit.render.userdata import render_parts
@@ -125,7 +125,9 @@ def instance_files(config: Any) -> dict[str, str]:
     roles = [("control", None)] if config.control_node else []
     roles.append(("chief", ETCD if config.control_node else None))
     for role, endpoints in roles:
-        cloud_config, script = render_parts(config, role, etcd_endpoints=endpoints)
+        cloud_config, script = render_parts(
+            config, role, etcd_endpoints=endpoints, staged=stand_in_staged()
+        )
         files[f"{role}/cloud-config"] = cloud_config.content
         files[f"{role}/script"] = script.content
         for n, (_, content) in enumerate(_HEREDOC.findall(script.content)):
@@ -138,7 +140,9 @@ def _embedded_names() -> dict[str, str]:
     names = {}
     config = load_cluster_config(None, BASE)
     for role, endpoints in (("control", None), ("chief", ETCD)):
-        script = render_parts(config, role, etcd_endpoints=endpoints)[1].content
+        script = render_parts(config, role, etcd_endpoints=endpoints, staged=stand_in_staged())[
+            1
+        ].content
         for n, (path, _) in enumerate(_HEREDOC.findall(script)):
             names[f"{role}/{n}"] = Path(shlex.split(path)[0]).name
     return names

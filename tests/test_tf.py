@@ -128,6 +128,30 @@ def test_tfserver_without_tf_config_fails_with_one_line():
     ]
 
 
+def test_the_chief_program_runs_in_its_folder_with_the_interpreters_bin_first(tmp_path):
+    """What the chief's agent starts: ``python3`` must be the agent venv's (the folder of
+    the interpreter running tfserver), in the unpacked bundle's folder."""
+    tf_config = tmp_path / "tf_config.json"
+    tf_config.write_text(
+        json.dumps(
+            {"cluster": {"chief": ["chief0.x.local:2222"]}, "task": {"type": "chief", "index": 0}}
+        )
+    )
+    program_dir = tmp_path / "program"
+    program_dir.mkdir()
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    show = 'pwd; command -v python3; echo "$TF_CONFIG"'
+    argv = [*TFSERVER, "--tf-config", str(tf_config), "--program-dir", str(program_dir)]
+    result = subprocess.run(
+        [*argv, "--", "sh", "-c", show], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    cwd, python3, document = result.stdout.splitlines()
+    assert cwd == str(program_dir)
+    assert python3 == str(Path(sys.executable).parent / "python3")
+    assert json.loads(document)["task"] == {"type": "chief", "index": 0}
+
+
 # --- real TensorFlow -----------------------------------------------------------
 
 

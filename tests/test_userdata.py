@@ -5,6 +5,7 @@ recording stand-in for systemctl, all inside a temporary folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import gzip
 import json
@@ -22,19 +23,16 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from conftest import require_tool
+from conftest import require_tool, stand_in_staged
+from tfcluster.cloudinit import plan
 from tfcluster.cloudinit.cli import main
-from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
+from tfcluster.cloudinit.config import Artifact, ClusterConfig, load_cluster_config
 from tfcluster.cloudinit.localcloud.imds_emulator import IMDSEmulator, InstanceMetadata
+from tfcluster.cloudinit.render import userdata
 from tfcluster.cloudinit.render.corefile import CorefileSettings, render_corefile
 from tfcluster.cloudinit.render.layout import Layout, control_endpoint
-from tfcluster.cloudinit.render.userdata import (
-    USER_DATA_LIMIT,
-    RenderError,
-    UserDataTooLarge,
-    render_parts,
-    render_user_data,
-)
+from tfcluster.cloudinit.render.userdata import USER_DATA_LIMIT, RenderError, UserDataTooLarge
+from tfcluster.cloudinit.stage import bundle
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -42,6 +40,17 @@ ETCD = ["http://10.0.0.5:2379"]
 TASKS = [("chief", None), ("ps", 1), ("worker", None), ("worker", 2)]
 SCRIPT_TIMEOUT = 60  # seconds for one run of the user-data script in the sandbox
 TOOL_TIMEOUT = 60
+
+
+def render_parts(*args: Any, **kwargs: Any) -> tuple[userdata.Part, ...]:
+    """The renderer, given what `up` stages for a task (stand-in URLs) unless told otherwise."""
+    kwargs.setdefault("staged", stand_in_staged())
+    return userdata.render_parts(*args, **kwargs)
+
+
+def render_user_data(*args: Any, **kwargs: Any) -> bytes:
+    kwargs.setdefault("staged", stand_in_staged())
+    return userdata.render_user_data(*args, **kwargs)
 
 
 def make_config(**overrides: Any) -> ClusterConfig:
@@ -282,11 +291,11 @@ class Sandbox:
         python = executable(
             root / "tools/python",
             "#!/bin/sh\n"
-            '[ "$1 $2" = "-m venv" ] || exit 2\n'
-            'mkdir -p "$3/bin"\n'
-            'printf \'#!/bin/sh\\necho "$*" > %s/pip.log\\n\' "$3" > "$3/bin/pip"\n'
-            "printf '#!/bin/sh\\n' > \"$3/bin/tfcluster\"\n"
-            'chmod +x "$3/bin/pip" "$3/bin/tfcluster"\n',
+            '[ "$1 $2 $3" = "-m venv --system-site-packages" ] || exit 2\n'
+            'mkdir -p "$4/bin"\n'
+            'printf \'#!/bin/sh\\necho "$*" > %s/pip.log\\n\' "$4" > "$4/bin/pip"\n'
+            "printf '#!/bin/sh\\n' > \"$4/bin/tfcluster\"\n"
+            'chmod +x "$4/bin/pip" "$4/bin/tfcluster"\n',
         )
         self.shutdowns = root / "shutdown.log"
         shutdown = executable(
@@ -328,9 +337,25 @@ class Sandbox:
             "artifacts.etcd.sha256": sha256(tarball),
         }
 
+    def staged(self) -> dict[str, Artifact]:
+        """A stand-in wheel and constraints as a task fetches them (file:// URLs here;
+        test_bucket.py fetches real ones from a bucket by presigned URL)."""
+        found = {}
+        for name, filename, text in (
+            ("wheel", "tfcluster-0.1.0-py3-none-any.whl", "a wheel\n"),
+            ("constraints", "constraints.txt", "tensorflow-cpu==2.21.0\n"),
+        ):
+            path = self.root / "bucket" / name / filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            found[name] = Artifact(path.as_uri(), sha256(path))
+        return found
+
     def run(
         self, config: ClusterConfig, role: str, **kwargs: Any
     ) -> subprocess.CompletedProcess[str]:
+        if role != "control":
+            kwargs.setdefault("staged", self.staged())
         script = self.root / f"{role}.sh"
         script.write_text(script_of(config, role, layout=self.layout, **kwargs))
         return subprocess.run(
@@ -379,11 +404,16 @@ def test_control_script_installs_and_starts_etcd_and_coredns(sandbox):
 
 
 def test_worker_script_installs_the_agent_and_writes_its_config(sandbox):
-    config = make_config(agent_package="tfcluster[tf]==0.1.0", **sandbox.artifacts())
+    config = make_config(**sandbox.artifacts())
     result = sandbox.run(config, "worker", index=1, etcd_endpoints=ETCD)
     assert result.returncode == 0, result.stderr
     pip = sandbox.path("opt/venv/pip.log").read_text().split()
-    assert pip[-1] == "tfcluster[tf]==0.1.0" and pip[0] == "install"
+    # The staged wheel, with the staged pins: nothing by name from an index.
+    dist = sandbox.path("opt/dist")
+    assert pip[0] == "install" and pip[-1] == f"{dist}/tfcluster-0.1.0-py3-none-any.whl[tf]"
+    assert pip[pip.index("--constraint") + 1] == f"{dist}/constraints.txt"
+    assert "--no-index" not in pip  # EC2: TensorFlow from PyPI when the image lacks it
+    assert (dist / "constraints.txt").read_text() == "tensorflow-cpu==2.21.0\n"
     agent = json.loads(sandbox.path("etc/tfcluster/agent.json").read_text())
     assert (agent["role"], agent["index"], agent["etcd_endpoints"]) == ("worker", 1, ETCD)
     assert agent["imds_endpoint"] == sandbox.layout.imds_endpoint
@@ -391,6 +421,58 @@ def test_worker_script_installs_the_agent_and_writes_its_config(sandbox):
     assert sandbox.calls.read_text().splitlines()[-1] == (
         "enable --now tfcluster-coredns.service tfcluster-agent.service"
     )
+
+
+def test_chief_script_unpacks_the_program_bundle_where_its_program_runs(sandbox, tmp_path):
+    program = tmp_path / "program-src"
+    (program / "lib").mkdir(parents=True)
+    (program / "train.py").write_text("print('hi')\n")
+    (program / "lib" / "data.txt").write_text("1 2 3\n")
+    built = bundle.build_bundle(program, tmp_path / "out" / "program.tar.gz")
+    config = make_config(
+        program_dir=str(program), program="python3 train.py", **sandbox.artifacts()
+    )
+    staged = {**sandbox.staged(), "bundle": Artifact(built.path.as_uri(), built.sha256)}
+    result = sandbox.run(config, "chief", etcd_endpoints=ETCD, staged=staged)
+    assert result.returncode == 0, result.stderr
+    unpacked = sandbox.path("opt/program")
+    assert (unpacked / "train.py").read_text() == "print('hi')\n"
+    assert (unpacked / "lib" / "data.txt").read_text() == "1 2 3\n"
+    agent = json.loads(sandbox.path("etc/tfcluster/agent.json").read_text())
+    assert agent["program_dir"] == str(unpacked)
+    assert agent["program"] == ["python3", "train.py"]
+    # Only the chief fetches the bundle; a chief without it is a render error.
+    worker = script_of(config, "worker", etcd_endpoints=ETCD, staged=staged)
+    assert "bundle_url=" not in worker and "program_dir" not in worker
+    with pytest.raises(RenderError, match="^bundle: not staged"):
+        script_of(config, "chief", etcd_endpoints=ETCD, staged=sandbox.staged())
+
+
+def test_a_tampered_bundle_stops_the_chief_script(sandbox, tmp_path):
+    program = tmp_path / "program-src"
+    program.mkdir()
+    (program / "train.py").write_text("print('hi')\n")
+    built = bundle.build_bundle(program, tmp_path / "out" / "program.tar.gz")
+    config = make_config(program_dir=str(program), **sandbox.artifacts())
+    staged = {**sandbox.staged(), "bundle": Artifact(built.path.as_uri(), built.sha256)}
+    built.path.write_bytes(b"not the bundle")
+    result = sandbox.run(config, "chief", etcd_endpoints=ETCD, staged=staged)
+    assert result.returncode != 0
+    assert "tfcluster user-data: bundle: SHA-256 mismatch" in result.stderr
+    assert not sandbox.path("opt/program").exists()
+    assert not sandbox.calls.exists()  # no agent was started
+
+
+def test_the_local_image_adapter_names_its_packages_and_keeps_pip_off_the_index(sandbox):
+    """Only the local cloud sets image_site_packages: a .pth in the new venv names the
+    folder that holds the image's TensorFlow, and pip runs with --no-index."""
+    config = make_config(**sandbox.artifacts())
+    assert "--no-index" not in script_of(config, "worker", etcd_endpoints=ETCD)
+    layout = dataclasses.replace(sandbox.layout, image_site_packages="/srv/image/site-packages")
+    script = script_of(config, "worker", etcd_endpoints=ETCD, layout=layout)
+    assert "\nimage_site_packages=/srv/image/site-packages\n" in script
+    assert 'echo "$image_site_packages" > "$site/tfcluster-image.pth"' in script
+    assert "--no-index --constraint" in script
 
 
 def test_script_refuses_a_download_with_the_wrong_checksum(sandbox):
@@ -474,12 +556,24 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
+def shown_staged(config: ClusterConfig) -> dict[str, Artifact]:
+    """What `tfcluster render` shows for the staged objects: the real SHA-256 values
+    (the wheel of this checkout, its constraints) with a stand-in URL each."""
+    return {
+        plan.fetch_name(o): Artifact(
+            f"https://cluster-bucket.invalid/{o.key}?presigned-by-up", o.sha256
+        )
+        for o in plan.staged_objects(config)
+    }
+
+
 def test_render_prints_the_readable_parts(tmp_path):
     path = write_config(tmp_path)
     argv = ["render", "--config", str(path), "--role", "ps", "--index", "1"]
     result = CliRunner().invoke(main, [*argv, "--etcd-endpoint", ETCD[0]])
     assert result.exit_code == 0, result.output
-    parts = render_parts(make_config(), "ps", 1, ETCD)
+    config = make_config()
+    parts = render_parts(config, "ps", 1, ETCD, staged=shown_staged(config))
     for part in parts:
         assert part.content in result.stdout
     assert "# ---- part 1/2: text/cloud-config (cloud-config.yaml)" in result.stdout
@@ -492,7 +586,9 @@ def test_render_raw_writes_the_exact_bytes(tmp_path):
     result = CliRunner().invoke(main, [*argv, "--etcd-endpoint", ETCD[0]])
     assert result.exit_code == 0
     config = load_cluster_config(path, {})
-    assert result.stdout_bytes == render_user_data(config, "chief", etcd_endpoints=ETCD)
+    assert result.stdout_bytes == render_user_data(
+        config, "chief", etcd_endpoints=ETCD, staged=shown_staged(config)
+    )
     assert result.stdout_bytes[:2] == b"\x1f\x8b"
 
 

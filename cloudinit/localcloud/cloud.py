@@ -16,8 +16,8 @@ this machine); see instance.py for how each boots the user-data.
 Everything of a cluster lives under ``.run/localcloud/<cluster>/``::
 
     mode, config.json   the mode and the config overrides of the last prepare
-    moto/               the moto server's pid file and log
-    artifacts/          etcd + etcdctl packed as a release-style .tgz (file:// URL)
+    moto/               the moto server's pid file, URL and log
+    image/              the local "AMI"'s Python packages (image.py)
     bin/systemctl       the servicectl wrapper the user-data calls (netns mode)
     machine/            the machine root: mount point of each instance's fs/
     instances/<id>/     user-data, IMDS emulator, cloud-init-output.log, fs/
@@ -27,20 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfcluster.cloudinit import provision
+from tfcluster.cloudinit import plan, provision
 from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
     LIVE_STATES,
@@ -53,9 +51,18 @@ from tfcluster.cloudinit.cloud.provider import (
     no_progress,
 )
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
-from tfcluster.cloudinit.localcloud import daemons, instance, motoserver, network, parts, paths
+from tfcluster.cloudinit.localcloud import (
+    daemons,
+    image,
+    instance,
+    motoserver,
+    network,
+    parts,
+    paths,
+)
 from tfcluster.cloudinit.localcloud.hosts import LOOPBACK, NETNS, Host, LoopbackHost, NetnsHost
 from tfcluster.cloudinit.localcloud.localstack import DEFAULT_BIN
+from tfcluster.cloudinit.stage.errors import StageError
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
 DEFAULT_RUN = paths.run_root() / "localcloud"
@@ -72,10 +79,13 @@ AGENT = "tfcluster-agent.service"
 
 def training_program(steps: int, log_every: int | None = None) -> list[str]:
     """The chief's program: the built-in job for ``steps`` steps, printing the loss
-    every ``log_every`` steps (default: about 20 lines in all)."""
+    every ``log_every`` steps (default: about 20 lines in all).
+
+    ``python3`` is the instance's agent venv's: the chief runs its program with
+    that venv's bin first on PATH (discovery/tfserver.py)."""
     every = log_every or max(1, steps // 20)
     module = "tfcluster.discovery.train"
-    return [sys.executable, "-m", module, "--steps", str(steps), "--log-every", str(every)]
+    return ["python3", "-m", module, "--steps", str(steps), "--log-every", str(every)]
 
 
 class LocalCloudError(ProviderError):
@@ -154,42 +164,41 @@ class LocalCloud:
             raise LocalCloudError(paths.tools_missing_message(self.bin_dir))
 
     def prepare(self, overrides: Mapping[str, Any]) -> ClusterConfig:
-        """Start (or reuse) moto, its VPC and subnet, the artifacts; the cluster's config.
+        """Start (or reuse) moto, its VPC and subnet, the local image; the cluster's config.
 
         ``overrides`` are config keys as `load_cluster_config` takes them
-        (``workers``, ``ps``, ``program``...); the local cloud's own keys
-        (subnet, image, artifacts, layout) come on top.
+        (``workers``, ``ps``, ``program``, ``program_dir``...); the local
+        cloud's own keys (subnet, image, layout) come on top. Nothing is
+        overridden in what `up` stages: the binaries, the wheel and the
+        program bundle go through the cluster bucket in moto's S3, as on EC2.
         """
         self.check()
-        # Bad options fail here, before anything is started or written.
-        placeholder = {"url": "file:///dev/null", "sha256": "0" * 64}
-        load_cluster_config(
-            None,
-            {
-                **overrides,
-                "cluster": self.cluster,
-                "artifacts": dict.fromkeys(("coredns", "etcd"), placeholder),
-            },
-        )
+        # Bad options, a missing program_dir or one too large to bundle fail here,
+        # before anything is started or written.
+        given = load_cluster_config(None, {**overrides, "cluster": self.cluster})
+        try:
+            plan.staged_bundle(given)
+        except StageError as exc:
+            raise LocalCloudError(str(exc)) from None
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "mode").write_text(f"{self.mode}\n")
         provider = self.provider(start=True)
         systemctl = self.folder / "bin" / "systemctl"
         instance.write_systemctl(systemctl, self.machine_root)
         self.machine_root.mkdir(parents=True, exist_ok=True)
-        etcd = self._etcd_tarball()
-        coredns = self.bin_dir / "coredns"
+        try:
+            python = image.build(self.folder / "image")
+        except (image.ImageError, OSError) as exc:
+            raise LocalCloudError(f"cannot make the local image: {exc}") from None
         local = {
             "cluster": self.cluster,
             "region": motoserver.REGION,
             "ami": provider.any_image(),
             "subnet_id": provider.ensure_subnet(self.cluster, self.cidr),
-            "artifacts": {
-                "coredns": {"url": coredns.as_uri(), "sha256": _sha256(coredns)},
-                "etcd": {"url": etcd.as_uri(), "sha256": _sha256(etcd)},
-            },
-            "layout": instance.machine_layout(self.machine_root, systemctl),
+            "layout": {**instance.machine_layout(self.machine_root, systemctl), **python},
         }
+        if given.program_dir is not None:
+            local["program_dir"] = given.program_dir  # absolute: boots re-read it from anywhere
         settings = {**overrides, **local}
         config = load_cluster_config(None, settings)
         (self.folder / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -222,18 +231,6 @@ class LocalCloud:
             poll_interval=0.2,
             max_poll_interval=1.0,
         )
-
-    def _etcd_tarball(self) -> Path:
-        """etcd and etcdctl as a release-style .tgz, made once from the local builds."""
-        tarball = self.folder / "artifacts" / "etcd-local-linux-amd64.tgz"
-        if not tarball.exists():
-            tarball.parent.mkdir(parents=True, exist_ok=True)
-            partial = tarball.with_suffix(".partial")
-            with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
-                for tool in ("etcd", "etcdctl"):
-                    tar.add(self.bin_dir / tool, arcname=f"etcd-local-linux-amd64/{tool}")
-            partial.rename(tarball)
-        return tarball
 
     # -- up ---------------------------------------------------------------------
 
@@ -492,11 +489,3 @@ def _processes_naming(marker: str) -> list[int]:
         if marker in cmdline and state != "Z":
             found.append(int(entry.name))
     return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

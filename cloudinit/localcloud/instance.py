@@ -60,7 +60,7 @@ class BootError(RuntimeError):
 
 
 def _paths(root: Path, systemctl: Path) -> dict[str, str | int | bool]:
-    """Every path of a layout under ``root``; the agent from this project's virtualenv."""
+    """Every path of a layout under ``root``."""
     return {
         "install_dir": f"{root}/opt/tfcluster",
         "config_dir": f"{root}/etc/tfcluster",
@@ -71,7 +71,6 @@ def _paths(root: Path, systemctl: Path) -> dict[str, str | int | bool]:
         "tf_config_path": f"{root}/{TF_CONFIG}",
         "service_user": pwd.getpwuid(os.geteuid()).pw_name,
         "systemctl": str(systemctl),
-        "agent_venv": sys.prefix,
     }
 
 
@@ -165,8 +164,11 @@ def boot_loopback(
     are what `provision.up` rendered the user-data with.
     """
     ip = _private_ip(node)
-    _prepare(folder, user_data)
-    rendered = render_user_data(config, node.role, index, etcd_endpoints)
+    script = _prepare(folder, user_data)
+    # The presigned URLs were signed at launch: the same config renders the same
+    # bytes only with the same URLs, so they are read back from the script.
+    staged = parts.staged_downloads(script)
+    rendered = render_user_data(config, node.role, index, etcd_endpoints, staged=staged)
     if rendered != user_data:
         raise BootError(
             f"{node.label} ({node.instance_id}): its user-data is not what this cluster's "
@@ -178,10 +180,12 @@ def boot_loopback(
     imds = f"http://{ip}:{port}"
     own = loopback_layout(folder / FS, systemctl, ip, imds, free_port("127.0.0.1"))
     local = dataclasses.replace(config, layout=MappingProxyType({**config.layout, **own}))
-    script = folder / "user-data.loopback.sh"
-    script.write_text(render_parts(local, node.role, index, etcd_endpoints)[1].content)
+    own_script = folder / "user-data.loopback.sh"
+    own_script.write_text(
+        render_parts(local, node.role, index, etcd_endpoints, staged=staged)[1].content
+    )
     _start_imds(node, folder, f"{ip}:{port}", list)
-    _run(node, folder, ["bash", str(script)], timeout)
+    _run(node, folder, ["bash", str(own_script)], timeout)
 
 
 def _private_ip(node: Node) -> str:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import email
 import email.policy
 import gzip
+import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tfcluster.cloudinit.config import Artifact
+
 SCHEMA_TIMEOUT = 60.0
+_VARIABLE = re.compile(r"([a-z][a-z0-9_]*)_(url|sha256)=(\S+)")
 
 
 class UserDataError(RuntimeError):
@@ -84,3 +89,19 @@ def shell_script(raw: bytes, work: Path) -> str:
     for config in configs:
         check_cloud_config(config.text, work)
     return scripts[0].text
+
+
+def staged_downloads(script: str) -> dict[str, Artifact]:
+    """What the script fetches, by name: each ``<name>_url`` / ``<name>_sha256`` pair
+    at its top, unquoted; the ``staged`` a render needs to give the same bytes."""
+    found: dict[str, dict[str, str]] = {}
+    for line in script.splitlines():
+        match = _VARIABLE.fullmatch(line)
+        if match:
+            name, kind, value = match.groups()
+            found.setdefault(name, {})[kind] = shlex.split(value)[0]
+    return {
+        name: Artifact(values["url"], values["sha256"])
+        for name, values in found.items()
+        if set(values) == {"url", "sha256"}
+    }

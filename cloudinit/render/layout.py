@@ -36,12 +36,12 @@ def _imds(value: Any) -> str:
     return server_url(value, "the metadata service", port=False)
 
 
-def _venv(value: Any) -> str:
+def _site_packages(value: Any) -> str:
     return "" if value == "" else path(value)
 
 
 ImdsUrl = Annotated[str, PlainValidator(_imds)]
-Venv = Annotated[str, PlainValidator(_venv)]
+SitePackages = Annotated[str, PlainValidator(_site_packages)]
 AddressMode = Annotated[str, PlainValidator(one_of("names", "ips"))]
 
 
@@ -68,9 +68,13 @@ class Layout:
     ready_addr: HostPort = "127.0.0.1:8181"
     etcd_client_port: Port = ETCD_CLIENT_PORT
     etcd_peer_port: Port = 2380
-    agent_venv: Venv = ""
-    """An existing virtualenv that holds the agent; empty: the script creates
-    one under ``install_dir`` and pip-installs the config's agent_package."""
+    image_site_packages: SitePackages = ""
+    """The local cloud's image adapter, empty on EC2. A Deep Learning AMI has
+    TensorFlow in its system Python, which the agent's venv sees through
+    ``--system-site-packages``; the local "image" has it in another folder
+    (the operator's virtualenv), which the script then names in a ``.pth``
+    file of the new venv, and pip installs with ``--no-index``: everything
+    the wheel needs is already there, and nothing is downloaded."""
     etcd_listen_host: IPv4 = "0.0.0.0"
     """etcd's client address: every interface on EC2; the control node's own locally."""
     distinct_ports: Boolean = False
@@ -86,7 +90,18 @@ class Layout:
 
     @property
     def venv_dir(self) -> str:
-        return self.agent_venv or f"{self.install_dir}/venv"
+        """The agent's venv, created by the user-data on the image's python3."""
+        return f"{self.install_dir}/venv"
+
+    @property
+    def dist_dir(self) -> str:
+        """Where the user-data keeps the fetched wheel and constraints."""
+        return f"{self.install_dir}/dist"
+
+    @property
+    def program_dir(self) -> str:
+        """Where the chief unpacks the program bundle: the program's working directory."""
+        return f"{self.install_dir}/program"
 
     @property
     def agent_config(self) -> str:

@@ -106,6 +106,53 @@ def downloads(
     return out
 
 
+#: What a task fetches besides its binaries: the agent's wheel and its pins (every task)
+#: and, on the chief of a config with ``program_dir``, the program bundle.
+AGENT_OBJECTS = ("wheel", "constraints")
+BUNDLE = "bundle"
+
+
+def _staged(staged: Mapping[str, Artifact] | None, name: str, why: str) -> Artifact:
+    got = (staged or {}).get(name)
+    if got is None:
+        raise RenderError(f"{name}: not staged ({why}; `tfcluster up` stages it in the bucket)")
+    return got
+
+
+def agent_downloads(
+    config: ClusterConfig, role: str, staged: Mapping[str, Artifact] | None = None
+) -> list[Download]:
+    """What a task fetches and checks besides its binaries (none on the control node).
+
+    The wheel's file name is the last part of its URL's path (the object's
+    key ends in it), since pip reads the version and tags from that name.
+    """
+    if role == "control":
+        return []
+    out = [
+        Download(name, got.url, got.sha256, (_url_filename(got.url),))
+        for name in AGENT_OBJECTS
+        for got in [_staged(staged, name, "every task installs its agent from it")]
+    ]
+    if role == "chief" and config.program_dir is not None:
+        got = _staged(staged, BUNDLE, "program_dir is set")
+        out.append(Download(BUNDLE, got.url, got.sha256, (_url_filename(got.url),)))
+    return out
+
+
+def _url_filename(url: str) -> str:
+    """``tfcluster-0.1.0-py3-none-any.whl`` from ``https://host/bucket/objects/<sha>/<it>?...``."""
+    from urllib.parse import urlsplit
+
+    from tfcluster.cloudinit.stage.manifest import ManifestError, check_filename
+
+    name = urlsplit(url).path.rsplit("/", 1)[-1]
+    try:
+        return check_filename(name)
+    except ManifestError as exc:
+        raise RenderError(f"{url.split('?')[0]}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class _File:
     path: str
@@ -124,7 +171,8 @@ def render_user_data(
     """The exact bytes to pass as RunInstances' UserData (before base64).
 
     ``layout`` defaults to the config's (`layout_of`); ``staged`` maps each
-    binary without a config override to its presigned URL and SHA-256 (`downloads`).
+    binary without a config override, the wheel and its constraints and the
+    program bundle to a presigned URL and SHA-256 (`downloads`, `agent_downloads`).
     """
     parts = render_parts(config, role, index, etcd_endpoints, layout, staged)
     plain = _multipart(parts)
@@ -164,13 +212,15 @@ def render_parts(
     packages = ["curl"] if control else ["curl", "python3-venv"]
     files = _files(config, role, index, endpoints, layout)
     installs = downloads(config, role, staged)
+    fetched = agent_downloads(config, role, staged)
     services = ("etcd", "coredns") if control else ("coredns", "agent")
     script = render(
         "user-data.sh.j2",
         **ctx,
         control=control,
-        install_agent=not layout.agent_venv,
-        variables=_script_variables(config, role, layout, installs),
+        bundle=any(d.var == BUNDLE for d in fetched),
+        image_site_packages=bool(layout.image_site_packages),
+        variables=_script_variables(config, role, layout, [*installs, *fetched]),
         installs=[(d.var, d.names) for d in installs],
         lifetime=_duration(config.max_lifetime),
         files=files,
@@ -242,14 +292,19 @@ def _script_variables(
             "etcd_client_port": layout.etcd_client_port,
             "imds": layout.imds_endpoint,
         }
-    elif layout.agent_venv:
-        values["venv_dir"] = layout.venv_dir
     else:
         values |= {
             "python": layout.python,
             "venv_dir": layout.venv_dir,
-            "agent_package": config.agent_package,
+            "dist_dir": layout.dist_dir,
         }
+        for item in installs:
+            if item.var in (*AGENT_OBJECTS, BUNDLE):
+                values[f"{item.var}_file"] = item.names[0]
+        if any(item.var == BUNDLE for item in installs):
+            values["program_dir"] = layout.program_dir
+        if layout.image_site_packages:
+            values["image_site_packages"] = layout.image_site_packages
     if config.max_lifetime is not None:
         values |= {
             "shutdown": layout.shutdown_command,
@@ -379,6 +434,11 @@ def agent_config(
             tf_config_path=Path(layout.tf_config_path),
             tf_config_addresses=layout.tf_config_addresses,
             program=config.program if role == "chief" else None,
+            program_dir=(
+                Path(layout.program_dir)
+                if role == "chief" and config.program_dir is not None
+                else None
+            ),
         )
     )
 

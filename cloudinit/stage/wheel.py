@@ -276,20 +276,40 @@ def repack_installed(
     return path
 
 
+#: Not pinned on instances: the venv the user-data creates brings its own
+#: installer (pip, and setuptools before Python 3.12), and a pin that differs
+#: would make pip replace it, which means a download (none is possible
+#: where pip runs with --no-index, as in the local cloud).
+INSTALLER_TOOLS = frozenset({"pip", "setuptools", "wheel", DIST_NAME})
+_PIN_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def constraints(checkout: Path | None) -> bytes:
     """The pins to install the wheel with on an instance.
 
     The checkout's constraints.txt when there is one (what the tests ran
-    with); otherwise every distribution installed here, as name==version,
-    except tfcluster itself, which the wheel provides.
+    with); otherwise every distribution installed here, as name==version.
+    Either way without tfcluster itself, which the wheel provides, and
+    without the `INSTALLER_TOOLS`, which the instance's venv provides.
     """
     if checkout is not None and (Path(checkout) / CONSTRAINTS_FILENAME).is_file():
-        return (Path(checkout) / CONSTRAINTS_FILENAME).read_bytes()
+        lines = (Path(checkout) / CONSTRAINTS_FILENAME).read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            match = _PIN_NAME.match(line)
+            if match and _canonical(match.group(1)) in INSTALLER_TOOLS:
+                continue
+            kept.append(line)
+        return "".join(kept).encode()
     pins: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
-        if name and re.sub(r"[-_.]+", "-", name).lower() != DIST_NAME:
-            pins.setdefault(re.sub(r"[-_.]+", "-", name).lower(), f"{name}=={dist.version}")
+        if name and _canonical(name) not in INSTALLER_TOOLS:
+            pins.setdefault(_canonical(name), f"{name}=={dist.version}")
     header = f"# Versions installed with {DIST_NAME} on the operator's machine.\n"
     return (header + "".join(f"{pins[k]}\n" for k in sorted(pins))).encode()
 
