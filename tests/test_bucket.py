@@ -20,6 +20,7 @@ from __future__ import annotations
 import email
 import gzip
 import hashlib
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 from moto.ec2.models.amis import AMIS
 from test_userdata import Sandbox
 
-from conftest import require_tool
+from conftest import require_tool, stand_in_staged
 from controlled_moto import ControlledMoto, running, use_fake_aws
 from tfcluster.cloudinit import cli, plan, provision
 from tfcluster.cloudinit.cloud.bucket import BucketConflict, bucket_name
@@ -45,7 +46,7 @@ from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER
 from tfcluster.cloudinit.config import Artifact, ClusterConfig, load_cluster_config
 from tfcluster.cloudinit.localcloud.imds_emulator import IMDSEmulator, InstanceMetadata
 from tfcluster.cloudinit.render.userdata import RenderError, render_parts
-from tfcluster.cloudinit.stage import artifacts
+from tfcluster.cloudinit.stage import artifacts, bundle, wheel
 
 REGION = "us-east-1"
 AMI = str(AMIS[0]["ami_id"])
@@ -214,21 +215,24 @@ def test_dry_run_says_what_would_be_staged_and_creates_nothing(server, provider)
     server.clear()
     provision.up(config(), provider, dry_run=True, on_event=events.append)
     total = sum(found[n].stat().st_size for n in ("coredns", "etcd", "etcdctl"))
+    total += sum(o.size for o in wheel.stage_wheel(artifacts.cache_root()))
     line = next(e for e in events if e.startswith("stage "))
-    assert line.startswith(f"stage 3 object(s), {total / 1e6:.1f} MB in new bucket tfcluster-demo-")
-    assert "3 to upload" in line
+    assert line.startswith(f"stage 5 object(s), {total / 1e6:.1f} MB in new bucket tfcluster-demo-")
+    assert "5 to upload" in line
+    assert any("tfcluster-0.1.0-py3-none-any.whl" in e for e in events)
     assert not [c for c in server.log if c.startswith(("Create", "Put", "Run"))], server.log
 
 
 def test_up_stages_once_and_a_second_up_uploads_nothing(server, provider, capsys):
-    found = binaries()
+    binaries()
     cold = up(provider)
-    assert server.calls["PutObject"] == 3
-    sizes = {n: found[n].stat().st_size for n in ("coredns", "etcd", "etcdctl")}
-    assert cold.uploaded == sum(sizes.values())
+    staged = plan.staged_objects(config())
+    assert server.calls["PutObject"] == len(staged) == 5
+    assert cold.uploaded == sum(o.size for o in staged)
     keys = provider.bucket_keys(cold.bucket or "")
-    digests = {n: hashlib.sha256(found[n].read_bytes()).hexdigest() for n in sizes}
-    assert sorted(keys) == sorted(f"objects/{digests[n]}/{n}" for n in sizes)
+    assert sorted(keys) == sorted(
+        f"objects/{hashlib.sha256(o.path.read_bytes()).hexdigest()}/{o.filename}" for o in staged
+    )
     # A worker lost: the repair launches one instance and stages again, from the bucket.
     worker = next(n for n in cold.nodes if n.label == "worker1")
     client(server, "ec2").terminate_instances(InstanceIds=[worker.instance_id])
@@ -244,36 +248,57 @@ def test_up_stages_once_and_a_second_up_uploads_nothing(server, provider, capsys
         )
 
 
-def test_every_user_data_fetches_only_presigned_urls_of_the_bucket(server, provider):
-    found = binaries()
-    result = up(provider, config(url_expiry="2h"))
+def test_every_user_data_fetches_only_presigned_urls_of_the_bucket(server, provider, tmp_path):
+    binaries()
+    program = tmp_path / "program"
+    program.mkdir()
+    (program / "train.py").write_text("print('training')\n")
+    cfg = config(url_expiry="2h", program_dir=str(program), program="python3 train.py")
+    staged = {plan.fetch_name(o): o for o in plan.staged_objects(cfg)}
+    result = up(provider, cfg)
     bucket = result.bucket
     assert bucket is not None
     s3 = client(server, "s3")
-    expected = {"control": {"coredns", "etcd", "etcdctl"}}
+    agent = {"coredns", "wheel", "constraints"}
+    expected = {"control": {"coredns", "etcd", "etcdctl"}, "chief": agent | {"bundle"}}
     for node in result.nodes:
         user_data = provider.user_data(node.instance_id)
-        assert "github.com" not in script_text(user_data)  # no release site: only the bucket
+        script = script_text(user_data)
+        assert "github.com" not in script  # no release site: only the bucket
+        # Nothing installs by the project's name from an index: pip gets the staged files.
+        assert "agent_package" not in script and "tfcluster[tf]" not in script
+        if node.role == "control":
+            assert "pip install" not in script and "/bin/pip" not in script
+        else:
+            after = script.split('"$venv_dir/bin/pip" install', 1)[1]
+            words = " ".join(after.split("\n")[:2]).replace("\\", " ").split()
+            assert words[-3:] == [
+                "--constraint", '"$dist_dir/$constraints_file"', '"$dist_dir/${wheel_file}[tf]"'
+            ]  # fmt: skip
+            assert "--index-url" not in script and "--extra-index-url" not in script
         variables = script_variables(user_data)
         urls = {k[: -len("_url")]: v for k, v in variables.items() if k.endswith("_url")}
-        assert set(urls) == expected.get(node.role, {"coredns"}), node.label
+        assert set(urls) == expected.get(node.role, agent), node.label
         for name, url in urls.items():
             parts = urlsplit(url)
             query = parse_qs(parts.query)
             sha = variables[f"{name}_sha256"]
             assert f"{parts.scheme}://{parts.netloc}" == server.url
-            assert parts.path == f"/{bucket}/objects/{sha}/{name}"
+            assert parts.path == f"/{bucket}/objects/{sha}/{staged[name].filename}"
             # moto ignores the signature: check what was signed instead.
             assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
             assert query["X-Amz-Expires"] == ["7200"]
             assert query["X-Amz-SignedHeaders"] == ["host"]
             assert len(query["X-Amz-Signature"][0]) == 64
-            assert sha == hashlib.sha256(found[name].read_bytes()).hexdigest()
-            body = s3.get_object(Bucket=bucket, Key=f"objects/{sha}/{name}")["Body"].read()
+            assert sha == hashlib.sha256(staged[name].path.read_bytes()).hexdigest()
+            key = f"objects/{sha}/{staged[name].filename}"
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             assert hashlib.sha256(body).hexdigest() == sha
             fetched = requests.get(url, timeout=30)
             assert fetched.status_code == 200
             assert hashlib.sha256(fetched.content).hexdigest() == sha
+        if node.role not in expected:
+            assert variables["wheel_file"] == "tfcluster-0.1.0-py3-none-any.whl"
 
 
 def test_a_tampered_object_is_refused_and_nothing_starts(server, provider, sandbox):
@@ -371,9 +396,41 @@ def test_render_needs_a_staged_url_or_an_override():
     with pytest.raises(RenderError, match="etcdctl is not staged"):
         render_parts(config(), "control", staged=staged)
     worker = render_parts(config(), "worker", etcd_endpoints=["http://10.0.0.5:2379"], staged={
-        "coredns": staged["coredns"]})[1].content  # fmt: skip
+        "coredns": staged["coredns"], **stand_in_staged()})[1].content  # fmt: skip
+    with pytest.raises(RenderError, match=r"^wheel: not staged"):
+        render_parts(config(), "worker", etcd_endpoints=["http://10.0.0.5:2379"], staged=staged)
     assert 'install_artifact "$coredns_url" "$coredns_sha256" coredns' in worker
     assert "etcd_url" not in worker
+
+
+def test_a_missing_or_oversized_program_dir_is_one_line_before_anything_is_created(
+    server, provider, tmp_path
+):
+    binaries()
+    missing = CliRunner().invoke(
+        cli.up, ["--endpoint-url", server.url, "--set", f"ami={AMI}", "--cluster", CLUSTER,
+                 "--region", REGION, "--program-dir", str(tmp_path / "nowhere"), "--yes"],
+    )  # fmt: skip
+    assert missing.exit_code == 2
+    assert missing.output.strip().splitlines() == [
+        f"Error: program_dir: {tmp_path / 'nowhere'} does not exist"
+    ]
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "data.bin", "wb") as data:  # incompressible, just over the limit
+        for _ in range((bundle.DEFAULT_LIMIT >> 20) + 1):
+            data.write(os.urandom(1 << 20))
+    server.clear()
+    over = CliRunner().invoke(
+        cli.up, ["--endpoint-url", server.url, "--set", f"ami={AMI}", "--cluster", CLUSTER,
+                 "--region", REGION, "--program-dir", str(big), "--yes"],
+    )  # fmt: skip
+    assert over.exit_code == 2, over.output
+    last = over.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {big}: the compressed bundle is over the limit of 64 MiB")
+    # Only the run's lock (a key pair) was taken, and given back: no bucket, no object.
+    made = [c for c in server.log if c.startswith(("Create", "Put", "Run"))]
+    assert made == ["CreateKeyPair"] and server.log[-1] == "DeleteKeyPair", server.log
 
 
 def test_plan_stages_only_what_the_config_does_not_override():

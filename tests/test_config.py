@@ -93,7 +93,7 @@ def test_program_dir_is_made_absolute_and_needs_a_chief(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_cluster_config(None, {"cluster": "c1", "program_dir": "prog"})
     assert config.program_dir == str(tmp_path / "prog")
-    with pytest.raises(ConfigError, match="^program_dir: is unpacked on the chief, but chief"):
+    with pytest.raises(ConfigError, match=r"^program_dir: is unpacked on the chief, but chief"):
         load_cluster_config(None, {"cluster": "c1", "program_dir": "prog", "chief": 0})
 
 

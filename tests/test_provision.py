@@ -43,6 +43,7 @@ from tfcluster.cloudinit.cloud.provider import (
     UnknownAMI,
 )
 from tfcluster.cloudinit.config import ClusterConfig, load_cluster_config
+from tfcluster.cloudinit.localcloud import parts
 from tfcluster.cloudinit.render.layout import control_endpoint
 from tfcluster.cloudinit.render.userdata import render_user_data
 from tfcluster.discovery import records
@@ -205,6 +206,14 @@ def user_data(ec2: Any, instance_id: str) -> bytes:
     return base64.b64decode(attribute["UserData"]["Value"])
 
 
+def rendered_like(data: bytes, config: ClusterConfig, role: str, **kwargs: Any) -> bytes:
+    """What ``config`` renders for ``role`` with the presigned URLs found in ``data``:
+    they are signed at launch (with its time), so the same bytes need the same URLs."""
+    script = next(p.text for p in parts.split_user_data(data) if p.content_type.endswith("script"))
+    staged = parts.staged_downloads(script)
+    return render_user_data(config, role, staged=staged, **kwargs)
+
+
 def assert_nothing_left(ec2: Any, cluster: str = CLUSTER) -> None:
     live = [(i["InstanceId"], i["State"]["Name"]) for i in instances(ec2, cluster)]
     assert live == [], f"instances left behind: {live}"
@@ -268,12 +277,9 @@ def test_up_launches_each_role_in_one_call_with_tags_imds_and_user_data(
         assert options["HttpEndpoint"] == "enabled"
         assert options["HttpPutResponseHopLimit"] == 1
         assert [g["GroupId"] for g in instance["SecurityGroups"]] == [group["GroupId"]]
-        expected = (
-            render_user_data(config, "control")
-            if role == "control"
-            else render_user_data(config, role, etcd_endpoints=etcd)
-        )
-        assert user_data(ec2, instance["InstanceId"]) == expected, role
+        got = user_data(ec2, instance["InstanceId"])
+        endpoints = None if role == "control" else etcd
+        assert got == rendered_like(got, config, role, etcd_endpoints=endpoints), role
 
     names = {provision.dns_name(n, ZONE) for n in result.nodes}
     assert {"chief0.tensorflow.local", "ps1.tensorflow.local", "worker2.tensorflow.local"} <= names
@@ -389,10 +395,9 @@ def test_up_replaces_a_missing_worker_with_its_explicit_index(
         "Instances"
     ]
     assert tags(described)[TAG_INDEX] == "1"
-    expected = render_user_data(
-        config, "worker", index=1, etcd_endpoints=[control_endpoint(control_ip)]
-    )
-    assert user_data(ec2, replacement.instance_id) == expected
+    got = user_data(ec2, replacement.instance_id)
+    endpoints = [control_endpoint(control_ip)]
+    assert got == rendered_like(got, config, "worker", index=1, etcd_endpoints=endpoints)
     assert sorted((n.role, n.index) for n in second.nodes if n.role == "worker") == [
         ("worker", 0),
         ("worker", 1),

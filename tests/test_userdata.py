@@ -444,7 +444,7 @@ def test_chief_script_unpacks_the_program_bundle_where_its_program_runs(sandbox,
     # Only the chief fetches the bundle; a chief without it is a render error.
     worker = script_of(config, "worker", etcd_endpoints=ETCD, staged=staged)
     assert "bundle_url=" not in worker and "program_dir" not in worker
-    with pytest.raises(RenderError, match="^bundle: not staged"):
+    with pytest.raises(RenderError, match=r"^bundle: not staged"):
         script_of(config, "chief", etcd_endpoints=ETCD, staged=sandbox.staged())
 
 
