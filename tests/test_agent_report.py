@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -513,3 +514,78 @@ def test_the_chiefs_training_reaches_its_report_and_its_checkpoint_the_bucket(
     for agent in agents[1:]:
         agent.signal(signal.SIGTERM)
         assert agent.wait_exit(30) == 0, agent.log()
+
+
+# -- traffic --------------------------------------------------------------------------------
+
+
+class MeteredMoto(ControlledMoto):
+    """Also records the size of each POST's body (the report and its signed fields)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.posted: list[int] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") == "POST" and "multipart" in environ.get(
+            "CONTENT_TYPE", ""
+        ):
+            self.posted.append(int(environ.get("CONTENT_LENGTH") or 0))
+        return super().__call__(environ, start_response)
+
+
+REQUEST_HEADERS = 260
+"""Bytes of the request line and headers urllib sends (method, host, type, length, agent)."""
+RESPONSE = 350
+"""Bytes of S3's 204 answer (status line, request ids, ETag, Location, Date, Server)."""
+
+
+@pytest.mark.tf
+def test_report_traffic_of_a_real_agent(stack, clean_cluster, agents, tmp_path):
+    """The figures for the note: a ps and a worker agent with their TF servers,
+    reporting at the shortest heartbeat (1 s) to get many samples quickly;
+    the hourly figure is for the default 15 s: the start's writes plus 240
+    heartbeats of the steady size."""
+    roles = {"ps": 1, "worker": 1}
+    server = MeteredMoto()
+    server.start()
+    try:
+        s3_client(server.url).create_bucket(Bucket="tfc-metered")
+        keys = bucket_keys(server.url, "tfc-metered", roles)
+        base = free_port_block(2)
+        for role, ip in (("ps", "127.0.45.1"), ("worker", "127.0.45.2")):
+            launch(agents, tmp_path, stack, role, 0, ip, roles, server=True, raw=keys,
+                   tf_port=base, tf_config_addresses="ips", barrier_timeout=120)  # fmt: skip
+        docs = {}
+        for label in ("ps0", "worker0"):
+            docs[label] = wait_report(
+                server.url, "tfc-metered", label, "SERVE with its server up",
+                lambda d: d["state"] == "SERVE" and (d["tensorflow"] or {}).get("running"),
+                timeout=120,
+            )  # fmt: skip
+        start_writes = max(doc["seq"] for doc in docs.values())
+        before = len(server.posted)
+        t0 = time.monotonic()
+        wait_for(
+            lambda: len(server.posted) >= before + 20 or None,
+            what="20 more reports",
+            timeout=60,
+        )
+        elapsed = time.monotonic() - t0
+        steady = server.posted[before:]
+        rate = len(steady) / elapsed / 2  # two agents
+        size = sum(steady) / len(steady) + REQUEST_HEADERS
+        per_hour = start_writes + 3600 / 15
+        kib = per_hour * (size + RESPONSE) / 1024
+        print(
+            f"\nreal agent (TF server up, log tail of {len(docs['ps0']['log'])} lines): "
+            f"{start_writes} writes to SERVE; steady {rate:.2f} writes/s at heartbeat 1 s; "
+            f"request {size:.0f} B; at 15 s: {per_hour:.0f} POSTs/h, {kib:.0f} KiB/h up+down"
+        )
+        assert 0.5 <= rate <= 1.2  # the heartbeat, never more than once a second
+        assert max(steady) < 16 * 1024 + 4096  # the policy's 16 KiB and the signed fields
+        for agent in agents:
+            agent.signal(signal.SIGTERM)
+            assert agent.wait_exit(30) == 0, agent.log()
+    finally:
+        server.stop()
