@@ -379,6 +379,7 @@ def agent_config(
             tf_config_path=Path(layout.tf_config_path),
             tf_config_addresses=layout.tf_config_addresses,
             program=config.program if role == "chief" else None,
+            output_dir=Path(f"{layout.state_dir}/output"),
         )
     )
 
