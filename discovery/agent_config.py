@@ -28,7 +28,9 @@ from typing import Any
 from tfcluster.discovery.records import ROLES, Member, parse_label
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_COMMAND = re.compile(r"^(/[A-Za-z0-9._+/-]+|[A-Za-z0-9._+-]+)$")
 ADDRESS_MODES = ("names", "ips")
+CHIEF_EXIT_MODES = ("keep", "down")
 
 Reader = Callable[[str, Any, Mapping[str, Any]], Any]
 """(key, JSON value, the fields read so far) -> the field's value, or ConfigError."""
@@ -169,9 +171,23 @@ def _argv(key: str, value: Any, _: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _chief_exit(key: str, value: Any, _: Mapping[str, Any]) -> str:
+    if value not in CHIEF_EXIT_MODES:
+        raise ConfigError(f"{key}: must be 'keep' or 'down', got {value!r}")
+    return str(value)
+
+
+def _command(key: str, value: Any, _: Mapping[str, Any]) -> str:
+    if not isinstance(value, str) or not _COMMAND.match(value):
+        raise ConfigError(f"{key}: must be a program name or an absolute path, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ReportPost:
-    """Where the agent writes its reports: a presigned S3 POST (discovery/report.py).
+    """Where the agent writes to the cluster bucket: a presigned S3 POST
+    (discovery/report.py). The same shape serves ``report_post`` (reports)
+    and ``output_post`` (the chief's outputs).
 
     ``url`` is the bucket's POST URL; ``fields`` holds the signed form fields
     per agent label (``worker0``) or per role (``worker``), as boto3's
@@ -285,6 +301,21 @@ class AgentConfig:
     """The presigned POST for the agent's reports; None: the agent writes none."""
     report_heartbeat: int = field(default=15, metadata=_key(_int_in(1, 3600), quiet=True))
     """Seconds between reports while nothing changes (never more than one a second)."""
+    output_post: ReportPost | None = field(
+        default=None, metadata=_key(_report_post, _write_report_post, quiet=True)
+    )
+    """The presigned POST for the chief's outputs (``output/``); None: nothing is uploaded."""
+    output_dir: Path = field(
+        default=Path("/var/lib/tfcluster/output"), metadata=_key(_path, str)
+    )
+    """The chief's program gets this directory as TFCLUSTER_OUTPUT_DIR."""
+    output_interval: int = field(default=300, metadata=_key(_int_in(1, 86400), quiet=True))
+    """Seconds between uploads of changed outputs while the chief's program runs."""
+    on_chief_exit: str = field(default="keep", metadata=_key(_chief_exit, quiet=True))
+    """``down``: once the chief's program has exited and its outputs are
+    uploaded, every agent shuts its instance down; ``keep``: they stay."""
+    shutdown_command: str = field(default="shutdown", metadata=_key(_command, quiet=True))
+    """What ``on_chief_exit: down`` runs (with ``-P now``) to power the instance off."""
 
     def count(self, role: str) -> int:
         return dict(self.roles).get(role, 0)

@@ -66,6 +66,17 @@ def cluster_path(cluster: str) -> str:
     return f"{KEY_ROOT}-{cluster}"
 
 
+def job_done_key(path: str) -> str:
+    """The key the chief's agent puts when the job is done (``on_chief_exit: down``).
+
+    Under the cluster's path, so ``down`` removes it with the rest and
+    clusters sharing one etcd never see each other's, but outside every
+    zone's keys: CoreDNS (which reads the whole path) files it under the
+    name ``done.job.``, which no zone of a cluster answers.
+    """
+    return f"{path.rstrip('/')}/job/done"
+
+
 def srv_name(zone: str) -> str:
     """The membership name: one SRV query for it lists every member."""
     return f"{SRV_SERVICE}.{zone}"

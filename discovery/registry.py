@@ -19,6 +19,7 @@ etcd being unreachable is not a lost lease: ``keepalive`` reports it as
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,6 +127,24 @@ class Registry:
         lease, self.lease = self.lease, None
         if lease is not None:
             self._revoke(lease)
+
+    def mark_job_done(self, value: dict[str, object]) -> None:
+        """Put the cluster's job-done key (``value`` as JSON), under no lease:
+        it must outlive the chief's own name, which leaves at once after."""
+        with _etcd("mark the job done"):
+            self.client.put(records.job_done_key(self.path), json.dumps(value, sort_keys=True))
+
+    def job_done(self) -> dict[str, object] | None:
+        """The job-done key's value, or None while the job runs."""
+        with _etcd("read the job-done key"):
+            value, _meta = self.client.get(records.job_done_key(self.path))
+        if value is None:
+            return None
+        try:
+            found = json.loads(value)
+        except ValueError:
+            found = None
+        return found if isinstance(found, dict) else {"value": value.decode(errors="replace")}
 
     def _revoke(self, lease: Any) -> None:
         try:

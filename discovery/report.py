@@ -53,9 +53,12 @@ import base64
 import binascii
 import calendar
 import copy
+import hashlib
 import http.client
+import io
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -65,7 +68,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from tfcluster.discovery.agent_config import AgentConfig
 from tfcluster.discovery.records import Member
@@ -98,7 +101,8 @@ EXPIRED = "expired"
 
 
 class ReportWriteError(Exception):
-    """One upload failed; the message is one line (status, S3 error code, or why unreachable)."""
+    """One upload (a report or an output file) failed; the message is one line
+    (status, S3 error code, or why unreachable)."""
 
 
 def agent_prefix(label: str) -> str:
@@ -182,25 +186,39 @@ class PostTarget:
         return None
 
 
-def encode_post(
-    fields: Mapping[str, str], key: str, body: bytes, *, boundary: str | None = None
-) -> tuple[bytes, str]:
-    """The multipart/form-data body of an S3 POST and its Content-Type.
+def form_envelope(
+    fields: Mapping[str, str],
+    key: str,
+    *,
+    filename: str = REPORT_NAME,
+    content_type: str = "application/json",
+    boundary: str | None = None,
+) -> tuple[bytes, bytes, str]:
+    """(what precedes the file, what follows it, the Content-Type) of an S3 POST.
 
     The signed fields go first with ``key`` set to the object's key (the
     policy allows it by prefix), the file last, as S3 requires.
     """
     boundary = boundary or secrets.token_hex(16)
-    out = bytearray()
+    head = bytearray()
     for name, value in {**fields, "key": key}.items():
-        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-        out += value.encode() + b"\r\n"
-    out += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{REPORT_NAME}"'
-        "\r\nContent-Type: application/json\r\n\r\n"
+        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        head += value.encode() + b"\r\n"
+    safe_name = re.sub(r'["\r\n\\]', "_", filename) or "file"
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe_name}"'
+        f"\r\nContent-Type: {content_type}\r\n\r\n"
     ).encode()
-    out += body + f"\r\n--{boundary}--\r\n".encode()
-    return bytes(out), f"multipart/form-data; boundary={boundary}"
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return bytes(head), tail, f"multipart/form-data; boundary={boundary}"
+
+
+def encode_post(
+    fields: Mapping[str, str], key: str, body: bytes, *, boundary: str | None = None
+) -> tuple[bytes, str]:
+    """The multipart/form-data body of an S3 POST of a JSON document and its Content-Type."""
+    head, tail, content_type = form_envelope(fields, key, boundary=boundary)
+    return head + body + tail, content_type
 
 
 def _s3_error(body: bytes) -> str:
@@ -213,16 +231,10 @@ def _s3_error(body: bytes) -> str:
     return " ".join(text.split())[:200]
 
 
-def post_object(target: PostTarget, key: str, body: bytes, timeout: float) -> None:
-    """Upload ``body`` to ``key`` with the presigned POST; ``ReportWriteError`` on any failure.
-
-    ``timeout`` bounds each socket operation (connect, send, each read); a
-    report is a few KiB, so that bounds the whole upload to a small multiple.
-    """
-    payload, content_type = encode_post(target.fields, key, body)
-    request = urllib.request.Request(
-        target.url, data=payload, method="POST", headers={"Content-Type": content_type}
-    )
+def _send(target: PostTarget, data: Any, content_type: str, length: int, timeout: float) -> None:
+    """POST ``data`` (bytes, or a file-like object of ``length`` bytes) to the bucket."""
+    headers = {"Content-Type": content_type, "Content-Length": str(length)}
+    request = urllib.request.Request(target.url, data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read(4096)
@@ -233,8 +245,68 @@ def post_object(target: PostTarget, key: str, body: bytes, timeout: float) -> No
     except urllib.error.URLError as exc:
         raise ReportWriteError(f"cannot reach {target.url}: {exc.reason}") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        # timeouts, resets, a garbled or cut-off answer, a bad URL
+        # timeouts, resets, a garbled or cut-off answer, a bad URL, a file that shrank
         raise ReportWriteError(f"upload to {target.url} failed: {exc!r}") from None
+
+
+def post_object(target: PostTarget, key: str, body: bytes, timeout: float) -> None:
+    """Upload ``body`` to ``key`` with the presigned POST; ``ReportWriteError`` on any failure.
+
+    ``timeout`` bounds each socket operation (connect, send, each read); a
+    report is a few KiB, so that bounds the whole upload to a small multiple.
+    """
+    payload, content_type = encode_post(target.fields, key, body)
+    _send(target, payload, content_type, len(payload), timeout)
+
+
+class _FileForm(io.RawIOBase):
+    """The multipart body of a file upload, read in blocks: the envelope's head,
+    exactly ``size`` bytes of the file (hashed on the way), the tail. A file
+    that has shrunk meanwhile fails the read instead of leaving S3 waiting."""
+
+    def __init__(self, head: bytes, handle: BinaryIO, size: int, tail: bytes) -> None:
+        super().__init__()
+        self._parts = [head, b"", tail]
+        self._handle, self._left = handle, size
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        want = 64 * 1024 if size is None or size < 0 else size
+        if self._parts[0]:
+            chunk, self._parts[0] = self._parts[0][:want], self._parts[0][want:]
+            return chunk
+        if self._left > 0:
+            chunk = self._handle.read(min(want, self._left))
+            if not chunk:
+                raise OSError(f"{self._left} bytes short: the file shrank while uploading")
+            self._left -= len(chunk)
+            self.sha256.update(chunk)
+            return chunk
+        chunk, self._parts[2] = self._parts[2][:want], self._parts[2][want:]
+        return chunk
+
+
+def post_file(
+    target: PostTarget, key: str, path: str | os.PathLike[str], size: int, timeout: float
+) -> str:
+    """Upload the first ``size`` bytes of the file at ``path`` to ``key``, streamed
+    (the file is never held in memory whole); its SHA-256 (hex) when S3 took it.
+    ``ReportWriteError`` on any failure, the file unreadable included."""
+    head, tail, content_type = form_envelope(
+        target.fields, key, filename=os.path.basename(path),
+        content_type="application/octet-stream",
+    )  # fmt: skip
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed below, after the upload)
+    except OSError as exc:
+        raise ReportWriteError(f"cannot read {path}: {exc.strerror}") from None
+    with handle:
+        form = _FileForm(head, handle, size, tail)
+        _send(target, form, content_type, len(head) + size + len(tail), timeout)
+    return form.sha256.hexdigest()
 
 
 class LogTail(logging.Handler):
@@ -357,6 +429,19 @@ class Pacer:
         return min(self.backoff_first * 2 ** (self.failures - 1), self.backoff_max)
 
 
+BarrierSource = Callable[[], "tuple[int, int, Sequence[str]] | None"]
+"""Barrier progress on demand: (members seen, expected, missing labels), or None."""
+
+
+def _progress(seen: int, expected: int, missing: Sequence[str]) -> dict[str, Any]:
+    return {
+        "seen": seen,
+        "expected": expected,
+        "missing": sorted(missing)[:MAX_MISSING],
+        "missing_count": len(missing),
+    }
+
+
 class Reporter:
     """The report writer: the agent updates the document, a thread writes it.
 
@@ -407,6 +492,7 @@ class Reporter:
             "tensorflow": None,
             "exit": None,
         }
+        self._barrier_source: BarrierSource | None = None
         self._seq = 0
         self._stopping = False
         self._deadline = float("inf")
@@ -452,13 +538,26 @@ class Reporter:
 
     def barrier(self, seen: int, expected: int, missing: Sequence[str]) -> None:
         """Barrier progress; rides with the next write (no write of its own)."""
-        progress = {
-            "seen": seen,
-            "expected": expected,
-            "missing": sorted(missing)[:MAX_MISSING],
-            "missing_count": len(missing),
-        }
-        self._set(urgent=False, barrier=progress)
+        self._set(urgent=False, barrier=_progress(seen, expected, missing))
+
+    def follow_barrier(self, source: BarrierSource | None) -> None:
+        """Take barrier progress from ``source`` at each write (None: stop).
+
+        Pulled rather than pushed: a membership watch sees one event per
+        peer's claim, and the report needs the count at most once a second.
+        ``source`` is called with the report's lock held, so it must not
+        call back into the reporter; it returns (seen, expected, missing),
+        or None when it cannot tell (the last progress then stays).
+        """
+        with self._cond:
+            self._barrier_source = source
+
+    def _pull_barrier(self) -> None:
+        """Called with the lock held."""
+        source = self._barrier_source
+        progress = source() if source is not None else None
+        if progress is not None:
+            self._doc["barrier"] = _progress(*progress)
 
     def tensorflow(
         self, *, program: bool, running: bool, exit_code: int | None = None, pid: int | None = None
@@ -484,6 +583,7 @@ class Reporter:
     def snapshot(self) -> dict[str, Any]:
         """The document as the next write would send it (without seq and time)."""
         with self._cond:
+            self._pull_barrier()
             doc = copy.deepcopy(self._doc)
         doc["log"], doc["log_total"] = self.tail.snapshot()
         return doc
@@ -565,6 +665,7 @@ class Reporter:
             self._cond.wait(wait)
         self.pacer.begin(now)
         self._seq += 1
+        self._pull_barrier()
         doc = copy.deepcopy(self._doc)
         doc["seq"], doc["time"] = self._seq, round(self._wall(), 3)
         doc["log"], doc["log_total"] = self.tail.snapshot()

@@ -11,22 +11,33 @@ custom loop with ``create_per_worker_dataset``.
 
 Without ``--dns-server`` the cluster comes from TF_CONFIG. Prints
 ``step N loss L`` lines, then one JSON line with the summary.
+
+With ``TFCLUSTER_OUTPUT_DIR`` set (the chief's agent sets it; ``--output-dir``
+overrides it), the job writes there what the operator fetches back: a
+TensorFlow checkpoint of the two variables (``checkpoint/ckpt-1.*``, found
+by ``tf.train.latest_checkpoint``; restore it into
+``tf.train.Checkpoint(weight=..., bias=...)``) and ``metrics.json`` (the
+summary, every reported loss, the learned weight and bias).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tfcluster.discovery.dns import DNSClient, DNSQueryError, parse_server
+from tfcluster.discovery.output import OUTPUT_ENV
 from tfcluster.discovery.tfconfig import make_dns_cluster_resolver
 
 TRUE_WEIGHT, TRUE_BIAS, NOISE = 3.0, 2.0, 0.1
 BATCH, LEARNING_RATE = 64, 0.1
+CHECKPOINT_DIR, METRICS_FILE = "checkpoint", "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,14 @@ class TrainResult:
     steps: int
     first_loss: float
     last_loss: float
+    weight: float = float("nan")
+    bias: float = float("nan")
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of every fetched step."""
+
+    def summary(self) -> dict[str, Any]:
+        """The summary line: the result without the loss list."""
+        return {k: v for k, v in asdict(self).items() if k != "losses"}
 
 
 def run(
@@ -43,11 +62,13 @@ def run(
     steps: int,
     log_every: int = 20,
     report: Callable[[int, float], None] | None = None,
+    output_dir: Path | None = None,
 ) -> TrainResult:
     """Train for ``steps`` steps on the cluster ``resolver`` describes.
 
     The loss of step 1 (before any update) and of the last step are fetched
     exactly; ``report`` also gets the loss of every ``log_every``-th step.
+    With ``output_dir``, a checkpoint and the metrics are written there.
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -80,6 +101,7 @@ def run(
         return strategy.run(replica_step, args=(next(iterator),))
 
     first_loss = last_loss = float("nan")
+    losses: list[tuple[int, float]] = []
     for number in range(1, steps + 1):
         remote = coordinator.schedule(step, args=(batches,))
         if number == 1 or number == steps or number % log_every == 0:
@@ -88,10 +110,33 @@ def run(
             if number == 1:
                 first_loss = loss
             last_loss = loss
+            losses.append((number, loss))
             if report is not None:
                 report(number, loss)
     coordinator.join()
-    return TrainResult(steps=steps, first_loss=first_loss, last_loss=last_loss)
+    result = TrainResult(
+        steps=steps,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        weight=float(weight.numpy()),
+        bias=float(bias.numpy()),
+        losses=losses,
+    )
+    if output_dir is not None:
+        save(tf.train.Checkpoint(weight=weight, bias=bias), result, output_dir)
+    return result
+
+
+def save(checkpoint: Any, result: TrainResult, output_dir: Path) -> None:
+    """The checkpoint (read back from the parameter servers by the chief) and
+    ``metrics.json``, written whole (a temporary name, then renamed): an
+    upload never sees half a metrics file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint.save(str(output_dir / CHECKPOINT_DIR / "ckpt"))
+    metrics = {**asdict(result), "checkpoint": os.path.relpath(path, output_dir)}
+    partial = output_dir / f".{METRICS_FILE}.tmp"
+    partial.write_text(json.dumps(metrics, indent=1) + "\n")
+    partial.replace(output_dir / METRICS_FILE)
 
 
 def _resolver(args: argparse.Namespace) -> Any:
@@ -115,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zone", default="tensorflow.local")
     parser.add_argument("--addresses", choices=["names", "ips"], default="names")
     parser.add_argument("--dns-timeout", type=float, default=2.0)
+    parser.add_argument(
+        "--output-dir", type=Path, default=None,
+        help=f"checkpoint and metrics.json go here (default: ${OUTPUT_ENV}; unset: none)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    output_dir = args.output_dir or (
+        Path(os.environ[OUTPUT_ENV]) if os.environ.get(OUTPUT_ENV) else None
+    )
 
     def report(number: int, loss: float) -> None:
         print(f"step {number} loss {loss:.4f}", flush=True)
@@ -123,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     try:
-        result = run(_resolver(args), args.steps, args.log_every, report)
-    except (DNSQueryError, ValueError, tf.errors.OpError) as exc:
+        result = run(_resolver(args), args.steps, args.log_every, report, output_dir)
+    except (DNSQueryError, ValueError, OSError, tf.errors.OpError) as exc:
         print(f"tfcluster-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(asdict(result)), flush=True)
+    if output_dir is not None:
+        print(f"wrote a checkpoint and {METRICS_FILE} to {output_dir}", flush=True)
+    print(json.dumps(result.summary()), flush=True)
     return 0
 
 

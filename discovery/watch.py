@@ -112,6 +112,15 @@ class MembershipWatch:
                 return []
             return sorted(self._missing)
 
+    def progress(self) -> tuple[int, int, list[str]] | None:
+        """(expected members etcd holds, expected, the missing labels) for the
+        agent's report; None while the watch cannot tell (not started, broken)."""
+        with self._lock:
+            if self._broken:
+                return None
+            missing = list(self._missing)
+        return len(self.expected) - len(missing), len(self.expected), missing
+
     def stop(self) -> None:
         self._stopping.set()
         conn = self._conn

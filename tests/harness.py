@@ -81,9 +81,13 @@ def make_agent(
     ip: str,
     roles: dict[str, int],
     instance_id: str | None = None,
+    raw: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> AgentProcess:
-    """Config file + running IMDS emulator for one instance (agent not started)."""
+    """Config file + running IMDS emulator for one instance (agent not started).
+
+    ``overrides`` replace fields of the config; ``raw`` adds keys to the file
+    as JSON values (e.g. ``report_post`` as ``up`` signs it)."""
     name = f"{role}{launch_index}-{ip}"
     emulator = IMDSEmulator(
         InstanceMetadata(
@@ -110,5 +114,6 @@ def make_agent(
         tf_config_path=tf_config_path,
     )
     config_path = tmp / f"{name}.agent.json"
-    config_path.write_text(json.dumps(dump_agent_config(replace(config, **overrides))))
+    data = {**dump_agent_config(replace(config, **overrides)), **(raw or {})}
+    config_path.write_text(json.dumps(data))
     return AgentProcess(name, ip, config_path, tf_config_path, tmp / f"{name}.log", emulator)

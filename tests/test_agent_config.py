@@ -150,6 +150,7 @@ def test_defaults_stay_out_of_the_file_and_come_back_when_read():
         "lease_ttl": 10,
         "record_ttl": 5,
         "tf_config_path": "/run/tfcluster/tf_config.json",
+        "output_dir": "/var/lib/tfcluster/output",
     }
     assert parse_agent_config(written) == minimal()
     unusual = minimal(index=1, distinct_ports=True, barrier_timeout=90.0, program=("a", "b"))

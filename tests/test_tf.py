@@ -235,17 +235,21 @@ def tf_cluster(stack, etcd, tmp_path_factory) -> Iterator[LocalCluster]:
         etcd.delete_prefix(prefix)
 
 
-def run_chief(cluster: LocalCluster, *program: str) -> tuple[list[tuple[int, float]], dict]:
+def run_chief(
+    cluster: LocalCluster, *program: str, env: dict[str, str] | None = None
+) -> tuple[list[tuple[int, float]], dict]:
     """Run the chief through tfserver; its loss lines and its summary."""
     argv = [*TFSERVER, "--tf-config", str(cluster.config_dir / "chief0.json")]
     if program:
         argv += ["--", *program]
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=TRAIN_TIMEOUT, env=child_environment()
-    )
+        argv, capture_output=True, text=True, timeout=TRAIN_TIMEOUT,
+        env={**child_environment(), **(env or {})},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    losses = [(int(f[1]), float(f[3])) for f in (line.split() for line in lines[:-1])]
+    steps = (line.split() for line in lines[:-1] if line.startswith("step "))
+    losses = [(int(f[1]), float(f[3])) for f in steps]
     return losses, json.loads(lines[-1])
 
 
@@ -269,6 +273,34 @@ def test_chief_default_program_trains_from_tf_config(tf_cluster):
     losses, summary = run_chief(tf_cluster)
     assert losses[0][0] == 1 and losses[-1][0] == summary["steps"]
     assert summary["last_loss"] < summary["first_loss"] / 2
+
+
+@pytest.mark.tf
+def test_the_default_program_leaves_a_checkpoint_tensorflow_loads(tf_cluster, tmp_path):
+    """With TFCLUSTER_OUTPUT_DIR (as the chief's agent sets it) the built-in job
+    writes a checkpoint and metrics.json; a fresh TensorFlow process restores
+    the checkpoint and finds the weights the job learned (y = 3x + 2)."""
+    out = tmp_path / "output"
+    _, summary = run_chief(tf_cluster, env={"TFCLUSTER_OUTPUT_DIR": str(out)})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == summary["steps"] and metrics["losses"][0][0] == 1
+    assert metrics["weight"] == pytest.approx(summary["weight"])
+    assert metrics["checkpoint"].startswith("checkpoint/ckpt-")
+    probe = (
+        "import json, sys, tensorflow as tf\n"
+        "w, b = tf.Variable(0.0), tf.Variable(0.0)\n"
+        "path = tf.train.latest_checkpoint(sys.argv[1])\n"
+        "tf.train.Checkpoint(weight=w, bias=b).restore(path).assert_consumed()\n"
+        "print(json.dumps([path, float(w.numpy()), float(b.numpy())]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(out / "checkpoint")],
+        capture_output=True, text=True, timeout=120, env=child_environment(), check=True,
+    )  # fmt: skip
+    path, weight, bias = json.loads(result.stdout.strip().splitlines()[-1])
+    assert path == str(out / metrics["checkpoint"])
+    assert weight == pytest.approx(metrics["weight"]) and bias == pytest.approx(metrics["bias"])
+    assert weight == pytest.approx(3.0, abs=0.3) and bias == pytest.approx(2.0, abs=0.3)
 
 
 @pytest.mark.tf

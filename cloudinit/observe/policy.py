@@ -2,7 +2,8 @@
 
 ``up`` signs, with the operator's credentials, one POST per agent prefix
 (``reports/worker0/``) or per role (``reports/worker``) and hands the URL and
-form fields to the agents in their config (``report_post``). S3 enforces the
+form fields to the agents in their config (``report_post``); and one POST for
+the chief's outputs, any key under ``output/`` (``output_post``). S3 enforces the
 signed policy: keys under the prefix only, a size range, an expiry. moto
 enforces none of it (it accepts a tampered signature and a key outside the
 prefix), so the tests read the signed document with ``policy_terms`` and
@@ -38,6 +39,7 @@ from urllib.parse import urlsplit
 
 from botocore.config import Config
 
+from tfcluster.discovery.output import OUTPUT_PREFIX
 from tfcluster.discovery.records import ROLES, parse_label
 from tfcluster.discovery.report import (
     DEFAULT_MAX_BYTES,
@@ -53,6 +55,8 @@ SIGNING_CONFIG = Config(signature_version="s3v4", s3={"addressing_style": "virtu
 """For the S3 client that signs against AWS: SigV4 and the regional bucket URL."""
 REPORT_SIZE = (1, DEFAULT_MAX_BYTES)
 """content-length-range for reports: non-empty, at most 16 KiB (what the agent fits into)."""
+OUTPUT_SIZE = (0, 5 * 1024**3)
+"""content-length-range for each output file: empty files too, at most 5 GiB (S3's POST limit)."""
 
 
 @dataclass(frozen=True)
@@ -136,12 +140,18 @@ def sign_post(
     return SignedPost(post["url"], fields, prefix, terms.expiration, seconds < expires_in)
 
 
-def report_posts(
-    s3: Any, bucket: str, names: Iterable[str], *, expires_in: int = SIGV4_MAX_EXPIRY
+def _posts(
+    s3: Any,
+    bucket: str,
+    prefixes: Mapping[str, str],
+    *,
+    size: tuple[int, int],
+    expires_in: int,
 ) -> tuple[str, dict[str, SignedPost]]:
-    """One report POST per agent label or role: (the URL, name -> signed POST)."""
+    """One POST per name, for its prefix: (the one bucket URL, name -> signed POST)."""
     signed = {
-        name: sign_post(s3, bucket, report_prefix(name), expires_in=expires_in) for name in names
+        name: sign_post(s3, bucket, prefix, size=size, expires_in=expires_in)
+        for name, prefix in prefixes.items()
     }
     urls = {post.url for post in signed.values()}
     if len(urls) != 1:
@@ -149,11 +159,40 @@ def report_posts(
     return urls.pop(), signed
 
 
+def report_posts(
+    s3: Any, bucket: str, names: Iterable[str], *, expires_in: int = SIGV4_MAX_EXPIRY
+) -> tuple[str, dict[str, SignedPost]]:
+    """One report POST per agent label or role: (the URL, name -> signed POST)."""
+    prefixes = {name: report_prefix(name) for name in names}
+    return _posts(s3, bucket, prefixes, size=REPORT_SIZE, expires_in=expires_in)
+
+
 def report_post_config(
     s3: Any, bucket: str, names: Iterable[str], *, expires_in: int = SIGV4_MAX_EXPIRY
 ) -> dict[str, Any]:
     """The agent config's ``report_post`` value for ``names`` (labels or roles)."""
     url, signed = report_posts(s3, bucket, names, expires_in=expires_in)
+    return {"url": url, "fields": {name: post.fields for name, post in signed.items()}}
+
+
+def output_post_config(
+    s3: Any,
+    bucket: str,
+    names: Iterable[str] = ("chief",),
+    *,
+    size: tuple[int, int] = OUTPUT_SIZE,
+    expires_in: int = SIGV4_MAX_EXPIRY,
+) -> dict[str, Any]:
+    """The agent config's ``output_post`` value: a POST for any key under
+    ``output/`` of at most ``size`` bytes per file, for the chief (its role,
+    ``chief``, or its label, ``chief0``): only the chief uploads outputs."""
+    names = list(names)
+    wrong = [name for name in names if name not in ("chief", "chief0")]
+    if wrong or not names:
+        raise ValueError(f"outputs are uploaded by the chief only (chief or chief0), got {wrong}")
+    url, signed = _posts(
+        s3, bucket, dict.fromkeys(names, OUTPUT_PREFIX), size=size, expires_in=expires_in
+    )
     return {"url": url, "fields": {name: post.fields for name, post in signed.items()}}
 
 

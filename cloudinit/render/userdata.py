@@ -439,6 +439,7 @@ def agent_config(
                 if role == "chief" and config.program_dir is not None
                 else None
             ),
+            output_dir=Path(f"{layout.state_dir}/output"),
         )
     )
 
