@@ -148,6 +148,15 @@ def _address_mode(key: str, value: Any, _: Mapping[str, Any]) -> str:
     return str(value)
 
 
+def _choice(*choices: str) -> Reader:
+    def read(key: str, value: Any, _: Mapping[str, Any]) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return read
+
+
 def _argv(key: str, value: Any, _: Mapping[str, Any]) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -267,6 +276,15 @@ class AgentConfig:
     """The presigned POST for the agent's reports; None: the agent writes none."""
     report_heartbeat: int = field(default=15, metadata=_key(_int_in(1, 3600), quiet=True))
     """Seconds between reports while nothing changes (never more than one a second)."""
+    output_post: ReportPost | None = field(
+        default=None, metadata=_key(_report_post, _write_report_post, quiet=True)
+    )
+    """The chief's presigned POST for its outputs (``output/``); None: no upload."""
+    output_interval: int = field(default=900, metadata=_key(_int_in(60, 30 * 86400), quiet=True))
+    """Seconds between uploads of the output folder while the program runs."""
+    on_chief_exit: str = field(default="keep", metadata=_key(_choice("keep", "down"), quiet=True))
+    """``down``: every instance shuts down once the chief's program exited and its
+    outputs are uploaded."""
 
     def count(self, role: str) -> int:
         return dict(self.roles).get(role, 0)
