@@ -173,10 +173,11 @@ def show_status(
         return
     if bucket is None:
         click.echo(f"cluster {cluster} has no bucket: no agent reports", err=True)
-    headers = ["INSTANCE", "NAME", "EC2", "ADDRESS", "DNS NAME", "AGENT", "HEARTBEAT", "PROGRAM",
-               "TIME LEFT"]  # fmt: skip
+    headers = ["INSTANCE", "ROLE", "INDEX", "STATE", "ADDRESS", "DNS NAME", "AGENT", "HEARTBEAT",
+               "PROGRAM"]  # fmt: skip
     if dns_check is not None:
         headers.append("DNS RECORD")
+    headers.append("TIME LEFT")
     dns_words = {True: "present", False: "missing", None: "unknown"}
     out = []
     for v in views:
@@ -185,14 +186,13 @@ def show_status(
         if agent is not None and agent.age is not None:
             age = f"{agent.age:.0f}s" + (" STALE" if agent.stale else "")
         row: list[object] = [
-            v.instance_id, v.name, v.ec2_state, v.address, v.dns_name,
+            v.instance_id, v.role, v.index, v.ec2_state, v.address, v.dns_name,
             agent.state if agent else None, age, agent.program if agent else None,
-            left.get(v.instance_id or ""),
         ]  # fmt: skip
         if dns_check is not None:
             found = by_id.get(v.instance_id or "")
             row.append(dns_words[found.dns_present] if found and found.dns_name else None)
-        out.append(row)
+        out.append([*row, left.get(v.instance_id or "")])
     click.echo(table(headers, out))
 
 
