@@ -30,8 +30,30 @@ endpoint_option = click.option(
     help="EC2 and S3 API endpoint instead of AWS's, e.g. a moto server.",
 )
 cluster_required = click.option("--cluster", required=True, help="The cluster's name.")
+cluster_or_local = click.option("--cluster", help="The cluster's name (with --local: 'local').")
 role_argument = click.argument("role", type=click.Choice(ROLES))
 index_argument = click.argument("index", type=click.IntRange(min=0))
+
+
+local_option = click.option(
+    "--local",
+    is_flag=True,
+    help="The local cloud's cluster (default name 'local'), through its moto server.",
+)
+
+
+def provider_for(
+    cluster: str | None, local: bool, region: str | None, endpoint_url: str | None
+) -> tuple[str, NodeProvider]:
+    """The cluster's name and provider: EC2 (or --endpoint-url), or the local cloud's moto."""
+    name = terminal.local_cluster(cluster, local, endpoint_url)
+    if local:
+        if region is not None:
+            raise click.UsageError("--local runs its own EC2 API; --region does not apply")
+        from tfcluster.cloudinit.localcloud import commands  # loaded only for --local
+
+        return name, commands.local_cloud(name).provider()
+    return name, Ec2Provider(region, endpoint_url=endpoint_url)
 
 
 def bucket_of(provider: NodeProvider, cluster: str) -> str:
@@ -94,12 +116,7 @@ def wait_until_ready(
             err=True,
         )
         return
-    s3 = _s3(provider)
-
-    def look() -> wait.Snapshot:
-        rows = view.read_rows(s3, bucket, expected)
-        return view.snapshot(provider.nodes(cluster), rows, expected)
-
+    look = view.reader(provider, _s3(provider), bucket, cluster, expected)
     click.echo(f"waiting up to {timeout:g} s for {len(expected)} agent(s) to serve", err=True)
     try:
         with terminal.live_line() as show:
@@ -199,7 +216,7 @@ def show_status(
 @click.command()
 @role_argument
 @index_argument
-@cluster_required
+@cluster_or_local
 @click.option("-f", "--follow", is_flag=True, help="Keep showing new lines as they are reported.")
 @click.option(
     "--timeout",
@@ -210,14 +227,16 @@ def show_status(
 )
 @region_option
 @endpoint_option
+@local_option
 def logs(
     role: str,
     index: int,
-    cluster: str,
+    cluster: str | None,
     follow: bool,
     timeout: float,
     region: str | None,
     endpoint_url: str | None,
+    local: bool,
 ) -> None:
     """Show the log of ROLE INDEX's agent (e.g. chief 0) as its reports carry it:
     the agent's lines and its program's output, at most the last 50 per report.
@@ -228,8 +247,7 @@ def logs(
     """
     name = f"{role}{index}"
     with one_line_errors():
-        cluster = cluster_option(cluster)
-        provider = Ec2Provider(region, endpoint_url=endpoint_url)
+        cluster, provider = provider_for(cluster, local, region, endpoint_url)
         bucket = bucket_of(provider, cluster)
         s3 = _s3(provider)
 
@@ -251,7 +269,7 @@ def logs(
 
 
 @click.command()
-@cluster_required
+@cluster_or_local
 @click.option(
     "--to",
     "dest",
@@ -261,7 +279,10 @@ def logs(
 )
 @region_option
 @endpoint_option
-def fetch(cluster: str, dest: Path, region: str | None, endpoint_url: str | None) -> None:
+@local_option
+def fetch(
+    cluster: str | None, dest: Path, region: str | None, endpoint_url: str | None, local: bool
+) -> None:
     """Download the chief's outputs (the bucket's output/) into a folder.
 
     Each file is checked against the SHA-256 in the completion marker the
@@ -271,8 +292,7 @@ def fetch(cluster: str, dest: Path, region: str | None, endpoint_url: str | None
     longer asks before deleting these outputs.
     """
     with one_line_errors():
-        cluster = cluster_option(cluster)
-        provider = Ec2Provider(region, endpoint_url=endpoint_url)
+        cluster, provider = provider_for(cluster, local, region, endpoint_url)
         bucket = bucket_of(provider, cluster)
         s3 = _s3(provider)
         with translate_errors(f"listing the outputs in bucket {bucket}"):

@@ -9,13 +9,13 @@ instance is gone, its last report stays in the bucket) shows EC2 state ``-``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from tfcluster.cloudinit.cloud.aws_errors import translate_errors
-from tfcluster.cloudinit.cloud.provider import RUNNING, Node
+from tfcluster.cloudinit.cloud.provider import RUNNING, Node, NodeProvider
 from tfcluster.cloudinit.observe import status
 from tfcluster.cloudinit.observe.status import StatusRow
 from tfcluster.cloudinit.observe.wait import Snapshot
@@ -67,6 +67,19 @@ def snapshot(nodes: Sequence[Node], rows: Sequence[StatusRow], expected: Sequenc
     running = sum(1 for n in mine if n.state == RUNNING)
     instances = tuple((n.label, n.instance_id) for n in mine)
     return Snapshot(tuple(rows), status.progress(rows, expected), running, instances)
+
+
+def reader(
+    provider: NodeProvider, s3: Any, bucket: str, cluster: str, expected: Sequence[str]
+) -> Callable[[], Snapshot]:
+    """The reading `wait.wait_ready` polls: EC2's instances (one listing) and the
+    reports (one LIST, one GET per agent), as a `Snapshot`."""
+
+    def look() -> Snapshot:
+        rows = read_rows(s3, bucket, expected)
+        return snapshot(provider.nodes(cluster), rows, expected)
+
+    return look
 
 
 def cluster_view(nodes: Sequence[Node], rows: Sequence[StatusRow]) -> list[MemberView]:
