@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
 import click
 
-from tfcluster.cloudinit import plan, provision, terminal
+from tfcluster.cloudinit import cli_cluster, plan, provision, terminal
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
 from tfcluster.cloudinit.config import (
     INSTANCE_ROLES,
     Artifact,
     parse_overrides,
 )
+from tfcluster.cloudinit.observe import view, wait
 from tfcluster.cloudinit.render.userdata import RenderError, render_parts, render_user_data
 from tfcluster.cloudinit.terminal import (
     cluster_option,
@@ -27,7 +27,6 @@ from tfcluster.cloudinit.terminal import (
     progress,
     sigterm_interrupts,
     table,
-    time_left,
 )
 from tfcluster.discovery.cli import main as main  # the tfcluster group; these load lazily
 
@@ -92,6 +91,18 @@ _local_option = click.option(
     help="With --local: each instance on a 127.77.0.x address instead of a network "
     "namespace (no root needed; the default when namespaces are not available).",
 )
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Return once the instances run, without waiting for the agents to serve.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=wait.READY_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for every agent to serve (boot, install, names, barrier, TF).",
+)
 def up(
     config_path: Path | None,
     cluster: str | None,
@@ -106,13 +117,22 @@ def up(
     local: bool,
     steps: int | None,
     loopback: bool,
+    no_wait: bool,
+    timeout: float,
 ) -> None:
-    """Launch the cluster, or the part of it that is missing.
+    """Launch the cluster, or the part of it that is missing, and wait until it serves.
 
     Prints the instances per type first, and asks before launching more than
     max_instances (default 16) or GPU instances. Ctrl-C or SIGTERM rolls back
     what this run created; a second one stops the rollback and prints what is
     left. One up or down of a cluster runs at a time (a lock in the cloud).
+
+    Then it waits (unless --no-wait) with a live line: instances running,
+    names claimed, barrier passed, TF serving, read from the agents' reports
+    in the cluster bucket; it ends with a table of names, addresses and
+    states. If an agent fails or --timeout passes, it names the stuck agent,
+    its state and last log lines and exits 1, leaving the cluster up for
+    `status`, `logs` and `down`.
 
     With --local, moto plays EC2 and every instance runs its own user-data
     on this machine; the command returns once every agent passed its barrier.
@@ -144,6 +164,9 @@ def up(
             confirm=confirm_launch(yes),
         )
     print_nodes(result, config.zone)
+    if not dry_run and not no_wait:
+        expected = view.expected_names(config.counts)
+        cli_cluster.wait_until_ready(provider, config.cluster, expected, timeout)
 
 
 @click.command()
@@ -157,6 +180,12 @@ def up(
     show_default=True,
     help="Seconds to wait for the instances to terminate, and again for the security group.",
 )
+@click.option(
+    "--keep-output",
+    is_flag=True,
+    help="Remove everything but the bucket, which keeps the outputs (tagged; 'ls' lists it).",
+)
+@click.option("--purge", is_flag=True, help="Also delete a bucket an earlier --keep-output kept.")
 @_endpoint_option
 @_local_option
 def down(
@@ -164,6 +193,8 @@ def down(
     region: str | None,
     yes: bool,
     timeout: float,
+    keep_output: bool,
+    purge: bool,
     endpoint_url: str | None,
     local: bool,
 ) -> None:
@@ -173,10 +204,19 @@ def down(
     Says what it removed; if anything could not be removed in time, lists it
     and exits 1 (run down again to finish). A second down is a no-op.
 
+    A bucket holding outputs that nobody fetched (`tfcluster fetch`) is not
+    deleted without --yes: down refuses in one line and changes nothing.
+    --keep-output leaves only the bucket; a later down leaves it too, until
+    down --purge.
+
     With --local, also remove every process, namespace, interface and file
     the local cloud made for the cluster (after a crash too).
     """
     cluster = local_cluster(cluster, local, endpoint_url)
+    if keep_output and purge:
+        raise click.UsageError("--keep-output keeps the bucket, --purge deletes it: give one")
+    if local and (keep_output or purge):
+        raise click.UsageError("--keep-output and --purge apply to EC2 clusters only")
     with one_line_errors():
         if local:
             if not yes:
@@ -185,15 +225,26 @@ def down(
             click.echo(f"removed {len(removed)} item(s)" if removed else "nothing to remove")
             return
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
+        bucket, keep = cli_cluster.output_guard(
+            provider, cluster, yes=yes, keep_output=keep_output, purge=purge
+        )
         if not yes:
+            what = "security group" if keep else "security group and bucket"
             click.confirm(
                 f"Terminate every instance of cluster {cluster} in {provider.region} "
-                "and delete its security group and bucket?",
+                f"and delete its {what}?",
                 abort=True,
             )
         result = provision.down(
-            cluster, provider, on_event=progress, timeout=timeout, group_timeout=timeout
+            cluster,
+            provider,
+            on_event=progress,
+            timeout=timeout,
+            group_timeout=timeout,
+            keep_bucket=keep,
         )
+        if keep and bucket is not None:
+            cli_cluster.keep_bucket(provider, cluster, bucket)
     removed = len(result.terminated) + len(result.security_groups) + len(result.buckets)
     if removed:
         click.echo(
@@ -222,49 +273,29 @@ def down(
     help="the cluster's etcd, http://HOST:2379 (reachable from here), to show whether "
     "each DNS record is present",
 )
+@click.option("--json", "as_json", is_flag=True, help="The same as a JSON document, for scripts.")
 @_local_option
 def status(
     cluster: str | None,
     region: str | None,
     endpoint_url: str | None,
     etcd_endpoint: str | None,
+    as_json: bool,
     local: bool,
 ) -> None:
-    """One line per instance of the cluster, with its DNS name."""
+    """One line per member of the cluster: its instance and EC2 state, address,
+    DNS name, and from its agent's last report the agent's state, the age of
+    that report (STALE when older than 3 heartbeats) and its program's state."""
     cluster = local_cluster(cluster, local, endpoint_url)
     if local:
+        if as_json:
+            raise click.UsageError("--json applies to EC2 clusters only")
         commands().status_local(cluster)
         return
     dns_check = _record_check(cluster, etcd_endpoint) if etcd_endpoint is not None else None
     with one_line_errors():
         provider = Ec2Provider(region, endpoint_url=endpoint_url)
-        rows = provision.status(cluster, provider, dns_check=dns_check)
-    if not rows:
-        click.echo(f"cluster {cluster}: no instances")
-        return
-    headers = (
-        "INSTANCE", "ROLE", "INDEX", "STATE", "PRIVATE IP", "DNS NAME", "DNS RECORD", "TIME LEFT"
-    )  # fmt: skip
-    dns = {True: "present", False: "missing", None: "unknown"}
-    now = datetime.now(timezone.utc)
-    click.echo(
-        table(
-            headers,
-            [
-                (
-                    r.node.instance_id,
-                    r.node.role,
-                    r.node.index,
-                    r.node.state,
-                    r.node.private_ip,
-                    r.dns_name,
-                    dns[r.dns_present] if r.dns_name else None,
-                    time_left(r.node, now),
-                )
-                for r in rows
-            ],
-        )
-    )
+    cli_cluster.show_status(cluster, provider, as_json, dns_check)
 
 
 def _record_check(cluster: str, endpoint: str) -> Callable[[str], bool | None]:

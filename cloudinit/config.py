@@ -29,7 +29,8 @@ The file (every key optional except ``cluster``)::
       coredns: {url: ..., sha256: ...}   #   each given one is downloaded by the instance and
       etcd: {url: ..., sha256: ...}      #   checked; the others are staged in the cluster
                                      #   bucket (etcd's archive carries etcdctl too)
-    url_expiry: 6h                   # lifetime of the bucket's presigned URLs (10m..7d)
+    url_expiry: 6h                   # lifetime of the bucket's presigned URLs (10m..7d): the
+                                     #   binaries' GETs and the agents' report and output POSTs
     download_binaries: false         # true: fetch missing static binaries from the pinned
                                      #   releases on this machine (checked) before staging
     tf_port: 2222
@@ -42,6 +43,11 @@ The file (every key optional except ``cluster``)::
                                      #   64 MiB compressed at most) and unpacked on the chief
                                      #   as the program's working directory
     max_instances: 16                # up asks for confirmation above this many instances
+    on_chief_exit: keep              # down: once the chief's program has exited and its outputs
+                                     #   are uploaded, every instance shuts down (the bucket stays
+                                     #   for `tfcluster fetch`); needs program
+    output_interval: 15m             # the chief uploads its output folder this often while its
+                                     #   program runs (10m..30d), and once more when it exits
     max_lifetime: null               # e.g. 12h, 90m, 2d, 1d12h (10m..30d): every instance shuts
                                      #   itself down (and so terminates) after that long
     layout: {}                       # where things go on an instance: fields of
@@ -142,6 +148,8 @@ class ClusterConfig:
     max_lifetime: int | None = None
     url_expiry: int = 6 * 3600
     download_binaries: bool = False
+    on_chief_exit: str = "keep"
+    output_interval: int = 15 * 60
 
     @property
     def control_node(self) -> bool:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
@@ -39,6 +40,7 @@ from tfcluster.cloudinit.cloud.provider import (
     no_progress,
 )
 from tfcluster.cloudinit.config import Artifact, ClusterConfig
+from tfcluster.cloudinit.observe import outputs, policy
 from tfcluster.cloudinit.plan import (
     Confirm,
     Launch,
@@ -272,6 +274,12 @@ def _apply(
             for o in plan.staged
         }
 
+    def posts(item: Launch) -> dict[str, Any] | None:
+        """The agents' report (and the chief's output) POSTs, signed afresh for each launch."""
+        if bucket is None or not isinstance(provider, BucketStore) or item.role not in ROLES:
+            return None
+        return agent_posts(provider.s3, bucket, item.role, item.index, config.url_expiry)
+
     def launch(item: Launch, etcd: Sequence[str] | None) -> list[Node]:
         if plan.image_id is None:
             raise ProviderError("the plan launches nodes but names no image")
@@ -281,6 +289,7 @@ def _apply(
             index=item.index,
             etcd_endpoints=list(etcd) if etcd else None,
             staged=signed(),
+            posts=posts(item),
         )
         spec = LaunchSpec(
             image_id=plan.image_id,
@@ -326,6 +335,22 @@ def _apply(
     running = wait(launched, f"{len(launched)} instance(s) to run") if launched else []
     nodes = sorted([*plan.existing, *running], key=lambda n: (n.role, n.index, n.instance_id))
     return UpResult(plan, tuple(nodes), tuple(running), group_id, bucket, uploaded, seconds)
+
+
+def agent_posts(
+    s3: Any, bucket: str, role: str, index: int | None, expires_in: int
+) -> dict[str, Any]:
+    """The agent config's ``report_post`` for one launch, and ``output_post`` for the chief.
+
+    A role launch (count N, one user-data) gets one report policy for the
+    role; a replacement (explicit index) one for its own prefix. Both expire
+    after ``expires_in`` seconds (``url_expiry``; SigV4 allows at most 7 days).
+    """
+    name = role if index is None else f"{role}{index}"
+    value = {"report_post": policy.report_post_config(s3, bucket, [name], expires_in=expires_in)}
+    if role == "chief":
+        value["output_post"] = outputs.output_post_config(s3, bucket, expires_in=expires_in)
+    return value
 
 
 def _stage(
@@ -425,8 +450,10 @@ def down(
     on_event: Progress = no_progress,
     timeout: float = TERMINATE_TIMEOUT,
     group_timeout: float = GROUP_DELETE_TIMEOUT,
+    keep_bucket: bool = False,
 ) -> DownResult:
-    """Terminate every instance tagged for ``cluster``, wait, delete its security groups.
+    """Terminate every instance tagged for ``cluster``, wait, delete its security groups
+    and its bucket (``keep_bucket``: all but the bucket, which keeps the outputs).
 
     Holds the cluster's lock. Idempotent: with nothing tagged for the cluster
     it changes nothing and says so. Terminates rather than stops: a stopped
@@ -462,7 +489,10 @@ def down(
                 left_groups = [found] if found else []
         if groups:
             on_event(f"deleted security group {', '.join(groups)}")
-        buckets, left_buckets = _delete_bucket(cluster, provider, errors, on_event)
+        buckets: list[str] = []
+        left_buckets: list[str] = []
+        if not keep_bucket:
+            buckets, left_buckets = _delete_bucket(cluster, provider, errors, on_event)
         if not ids and not groups and not left_groups and not buckets and not left_buckets:
             on_event(
                 f"nothing to remove: no instance, security group or bucket has "

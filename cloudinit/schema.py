@@ -118,6 +118,8 @@ class ConfigFile(BaseModel):
     max_lifetime: Annotated[int | None, PlainValidator(checks.duration)] = None
     url_expiry: Annotated[int, PlainValidator(checks.url_expiry)] = 6 * 3600
     download_binaries: Boolean = False
+    on_chief_exit: Annotated[str, PlainValidator(checks.one_of("keep", "down"))] = "keep"
+    output_interval: Annotated[int, PlainValidator(checks.duration)] = 15 * 60
     layout: LayoutFields = LayoutFields()  # type: ignore[valid-type]  # a model made at import
 
     @after_fields(mode="after")
@@ -126,6 +128,8 @@ class ConfigFile(BaseModel):
             raise ValueError("program: runs on the chief, but chief is 0")
         if self.program_dir is not None and self.chief == 0:
             raise ValueError("program_dir: is unpacked on the chief, but chief is 0")
+        if self.on_chief_exit == "down" and self.program is None:
+            raise ValueError("on_chief_exit: down needs a program (else the chief never exits)")
         if self.subnet_id is not None and self.vpc_id is not None:
             raise ValueError("vpc_id: give subnet_id or vpc_id, not both (a subnet has one VPC)")
         if not self.allow_public_zone and not self.zone.endswith(

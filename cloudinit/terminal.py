@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,37 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def progress(message: str) -> None:
     click.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def live_line() -> Iterator[Callable[[str], None]]:
+    """A status line on stderr that each call replaces: rewritten in place (with a
+    spinner) on a terminal; elsewhere (CI logs, pipes) printed whenever it changes.
+    The last line stays on the screen."""
+    from rich.console import Console  # only the commands that wait load rich
+
+    console = Console(stderr=True, highlight=False, markup=False)
+    last: list[str] = []
+    if not console.is_terminal:
+
+        def show(text: str) -> None:
+            if last != [text]:
+                click.echo(text, err=True)
+            last[:] = [text]
+
+        yield show
+        return
+    with console.status("") as line:
+
+        def update(text: str) -> None:
+            last[:] = [text]
+            line.update(text)
+
+        try:
+            yield update
+        finally:
+            if last:
+                console.print(last[0])
 
 
 LOCAL_CLUSTER = "local"

@@ -32,6 +32,9 @@ OPERATOR_COMMANDS = {
     "ls": "tfcluster.cloudinit.cli:list_clusters",
     "render": "tfcluster.cloudinit.cli:render",
     "unlock": "tfcluster.cloudinit.cli:unlock",
+    "logs": "tfcluster.cloudinit.cli_cluster:logs",
+    "fetch": "tfcluster.cloudinit.cli_cluster:fetch",
+    "ssh": "tfcluster.cloudinit.cli_cluster:ssh",
 }
 """Command name -> "module:attribute" of a click command, imported on first use."""
 

@@ -12,7 +12,10 @@ import pytest
 
 TFCLUSTER = str(Path(sys.executable).parent / "tfcluster")
 OPERATOR = ("boto3", "botocore", "jinja2", "yaml", "tfcluster.cloudinit")
-COMMANDS = ["agent", "down", "ls", "records", "render", "status", "unlock", "up", "wait"]
+COMMANDS = [
+    "agent", "down", "fetch", "logs", "ls", "records", "render", "ssh", "status", "unlock", "up",
+    "wait",
+]  # fmt: skip
 
 
 PROBE = """

@@ -458,7 +458,10 @@ def test_up_status_ls_through_the_cli(ec2: Any, config_file: Path) -> None:
     rows = status.stdout.splitlines()[1:]
     assert len(rows) == 7
     assert all(" running " in row for row in rows)
-    assert sum("unknown" in row for row in rows) == 6  # every task; the control node has no name
+    # every task has its DNS name; the control node has none. No bucket (every binary
+    # overridden), so no agent reports: the agent columns are empty.
+    assert sum(".tensorflow.local" in row for row in rows) == 6
+    assert status.stderr.strip() == f"cluster {CLUSTER} has no bucket: no agent reports"
 
     listing = run_cli("ls")
     assert listing.exit_code == 0, listing.output

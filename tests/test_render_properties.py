@@ -70,6 +70,8 @@ FIELDS: dict[str, str] = {
     "program": "python3 train.py --steps 10",
     "max_lifetime": "12h",
     "url_expiry": "6h",
+    "on_chief_exit": "keep",
+    "output_interval": "15m",
     **{
         f"layout.{f.name}": getattr(DEFAULT_LAYOUT, f.name) or "/opt/venv"
         for f in dataclasses.fields(DEFAULT_LAYOUT)

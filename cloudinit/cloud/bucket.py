@@ -26,7 +26,7 @@ from typing import Any
 import botocore.exceptions
 
 from tfcluster.cloudinit.cloud.aws_errors import error_code, translate_errors
-from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, ProviderError
+from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, InvalidEndpoint, ProviderError
 from tfcluster.cloudinit.stage.manifest import OBJECTS_PREFIX, StagedObject
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,13 @@ class ClusterBuckets:
     def account(self) -> str:
         if self._account is None:
             with translate_errors("reading the AWS account id (sts:GetCallerIdentity)"):
-                self._account = str(self.sts.get_caller_identity()["Account"])
+                try:
+                    self._account = str(self.sts.get_caller_identity()["Account"])
+                except KeyError as exc:  # botocore's XML parser, on a page that is not STS's
+                    raise InvalidEndpoint(
+                        f"GetCallerIdentity: what answers at the endpoint is not the AWS API "
+                        f"(no {exc} in its answer)"
+                    ) from None
         return self._account
 
     def name(self, cluster: str) -> str:

@@ -167,6 +167,10 @@ class Ec2Provider(NodeProvider, BucketStore):
             cluster, ports, ssh_cidr=ssh_cidr, subnet_id=subnet_id, vpc_id=vpc_id
         )
 
+    def ssh_sources(self, cluster: str) -> list[str]:
+        """The CIDRs the cluster's security group admits ssh from (``ssh_cidr``)."""
+        return self._groups.ssh_sources(cluster)
+
     def delete_security_groups(self, cluster: str, *, timeout: float) -> list[str]:
         return self._groups.delete(cluster, wait=self._wait, timeout=timeout)
 

@@ -86,6 +86,17 @@ class SecurityGroups:
         groups = self.listed(cluster)
         return str(groups[0]["GroupId"]) if groups else None
 
+    def ssh_sources(self, cluster: str) -> list[str]:
+        """The CIDRs the cluster's group admits on port 22 (empty: no ssh)."""
+        groups = self.listed(cluster)
+        rules = _flatten(groups[0].get("IpPermissions", [])) if groups else set()
+        return sorted(
+            source
+            for _proto, low, high, kind, source in rules
+            if kind in ("cidr", "cidr6") and low is not None and high is not None
+            and low <= 22 <= high
+        )  # fmt: skip
+
     def ensure(
         self,
         cluster: str,

@@ -107,4 +107,6 @@ def node_of(instance: dict[str, Any]) -> Node:
         zone=tags.get(TAG_ZONE),
         explicit_index=explicit is not None,
         expires=parse_time(tags.get(TAG_EXPIRES)),
+        public_ip=instance.get("PublicIpAddress") or None,
+        key_name=instance.get("KeyName") or None,
     )

@@ -46,6 +46,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from tfcluster.cloudinit.stage.manifest import StagedObject
 
@@ -143,6 +144,9 @@ class Node:
     expires: datetime | None = None
     explicit_index: bool = False
     """True for a replacement node, whose index comes from its tag."""
+    public_ip: str | None = None
+    key_name: str | None = None
+    """The EC2 key pair it was launched with (ssh), or None."""
 
     @property
     def label(self) -> str:
@@ -345,6 +349,12 @@ class BucketStore(abc.ABC):
     and every ``down``, call `delete_bucket`; ``ls`` reads `buckets`. The
     bucket carries the cluster tag, blocks public access and encrypts at rest.
     """
+
+    @property
+    @abc.abstractmethod
+    def s3(self) -> Any:
+        """The S3 client of the bucket calls: ``up`` signs the agents' report and
+        output POSTs with it, ``status``, ``logs`` and ``fetch`` read through it."""
 
     @abc.abstractmethod
     def bucket_name(self, cluster: str) -> str:

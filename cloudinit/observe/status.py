@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tfcluster.discovery.records import ROLES, parse_label
-from tfcluster.discovery.report import DEFAULT_HEARTBEAT, REPORT_NAME, REPORTS_PREFIX
+from tfcluster.discovery.report import DEFAULT_HEARTBEAT, REPORT_NAME, REPORTS_PREFIX, report_key
 
 STALE_FACTOR = 3.0
 MAX_REPORT_BYTES = 1024 * 1024
@@ -63,6 +63,8 @@ class StatusRow:
     log: tuple[str, ...]
     states: tuple[str, ...] = ()
     """The agent's recent states, oldest first (the report's ``history``)."""
+    log_total: int = 0
+    """Lines the agent ever logged: how many fell out of ``log`` between two reads."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,25 @@ def parse_report(raw: bytes) -> Mapping[str, Any]:
     return doc
 
 
+def _get_report(
+    s3: Any, bucket: str, key: str, name: str, modified: datetime
+) -> AgentReport | None:
+    """GET one report object; None if it went away since it was listed."""
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key)
+    except s3.exceptions.NoSuchKey:
+        return None
+    with response["Body"] as body:
+        raw = body.read(MAX_REPORT_BYTES + 1)
+    if len(raw) > MAX_REPORT_BYTES:
+        return AgentReport(name, key, modified, None, "too large")
+    try:
+        doc, error = parse_report(raw), None
+    except ValueError as exc:
+        doc, error = None, f"unreadable: {exc}"
+    return AgentReport(name, key, response.get("LastModified", modified), doc, error)
+
+
 def read_reports(s3: Any, bucket: str, *, prefix: str = REPORTS_PREFIX) -> list[AgentReport]:
     """Every agent report in ``bucket``. A report deleted between LIST and GET is
     left out; an unreadable one is returned with ``error``; any other S3 error
@@ -112,19 +133,15 @@ def read_reports(s3: Any, bucket: str, *, prefix: str = REPORTS_PREFIX) -> list[
             if item.get("Size", 0) > MAX_REPORT_BYTES:
                 reports.append(AgentReport(name, item["Key"], modified, None, "too large"))
                 continue
-            try:
-                response = s3.get_object(Bucket=bucket, Key=item["Key"])
-            except s3.exceptions.NoSuchKey:
-                continue
-            with response["Body"] as body:
-                raw = body.read(MAX_REPORT_BYTES + 1)
-            try:
-                doc, error = parse_report(raw), None
-            except ValueError as exc:
-                doc, error = None, f"unreadable: {exc}"
-            modified = response.get("LastModified", modified)
-            reports.append(AgentReport(name, item["Key"], modified, doc, error))
+            found = _get_report(s3, bucket, item["Key"], name, modified)
+            if found is not None:
+                reports.append(found)
     return reports
+
+
+def read_report(s3: Any, bucket: str, name: str) -> AgentReport | None:
+    """One agent's report (``worker0``), one GET; None while it has written none."""
+    return _get_report(s3, bucket, report_key(name), name, datetime.now(timezone.utc))
 
 
 def _order(name: str) -> tuple[int, int, str]:
@@ -176,6 +193,7 @@ def row_of(report: AgentReport, now: datetime, stale_factor: float = STALE_FACTO
         detail=str(doc.get("detail") or (exited or {}).get("message") or ""),
         log=tuple(str(line) for line in log) if isinstance(log, list) else (),
         states=states,
+        log_total=doc["log_total"] if isinstance(doc.get("log_total"), int) else 0,
     )
 
 

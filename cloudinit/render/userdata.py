@@ -167,14 +167,16 @@ def render_user_data(
     etcd_endpoints: Sequence[str] | None = None,
     layout: Layout | None = None,
     staged: Mapping[str, Artifact] | None = None,
+    posts: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The exact bytes to pass as RunInstances' UserData (before base64).
 
     ``layout`` defaults to the config's (`layout_of`); ``staged`` maps each
     binary without a config override, the wheel and its constraints and the
-    program bundle to a presigned URL and SHA-256 (`downloads`, `agent_downloads`).
+    program bundle to a presigned URL and SHA-256 (`downloads`, `agent_downloads`);
+    ``posts`` are the agent's presigned POSTs (`agent_config`).
     """
-    parts = render_parts(config, role, index, etcd_endpoints, layout, staged)
+    parts = render_parts(config, role, index, etcd_endpoints, layout, staged, posts)
     plain = _multipart(parts)
     if len(plain) <= USER_DATA_LIMIT:
         return plain
@@ -195,6 +197,7 @@ def render_parts(
     etcd_endpoints: Sequence[str] | None = None,
     layout: Layout | None = None,
     staged: Mapping[str, Artifact] | None = None,
+    posts: Mapping[str, Any] | None = None,
 ) -> tuple[Part, ...]:
     """The cloud-config and the script of one instance, readable.
 
@@ -210,7 +213,7 @@ def render_parts(
     endpoints = _endpoints(config, role, etcd_endpoints, layout)
     ctx = {"role": role, "cluster": config.cluster, "zone": config.zone}
     packages = ["curl"] if control else ["curl", "python3-venv"]
-    files = _files(config, role, index, endpoints, layout)
+    files = _files(config, role, index, endpoints, layout, posts)
     installs = downloads(config, role, staged)
     fetched = agent_downloads(config, role, staged)
     services = ("etcd", "coredns") if control else ("coredns", "agent")
@@ -334,6 +337,7 @@ def _files(
     index: int | None,
     endpoints: tuple[str, ...],
     layout: Layout,
+    posts: Mapping[str, Any] | None = None,
 ) -> list[_File]:
     control = role == "control"
     corefile = f"{layout.config_dir}/Corefile"
@@ -383,7 +387,7 @@ def _files(
             ),
         ]
     else:
-        agent = agent_config(config, role, index, endpoints, layout)
+        agent = agent_config(config, role, index, endpoints, layout, posts)
         files += [
             _File(layout.agent_config, "0644", json.dumps(agent, indent=2) + "\n"),
             _File(
@@ -409,14 +413,23 @@ def agent_config(
     index: int | None,
     endpoints: Sequence[str],
     layout: Layout = DEFAULT_LAYOUT,
+    posts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The agent's /etc/tfcluster/agent.json, written through the agent's own schema
-    (tfcluster.discovery.agent_config), which reads it back on the instance."""
+    (tfcluster.discovery.agent_config), which reads it back on the instance.
+
+    ``posts`` holds the presigned POSTs ``up`` signed for this launch: the
+    agent config values ``report_post`` and (the chief's) ``output_post``."""
     from pathlib import Path
 
-    from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, role_counts
+    from tfcluster.discovery.agent_config import (
+        AgentConfig,
+        dump_agent_config,
+        parse_agent_config,
+        role_counts,
+    )
 
-    return dump_agent_config(
+    data = dump_agent_config(
         AgentConfig(
             cluster=config.cluster,
             zone=config.zone,
@@ -440,8 +453,15 @@ def agent_config(
                 else None
             ),
             output_dir=Path(f"{layout.state_dir}/output"),
+            output_interval=config.output_interval,
+            on_chief_exit=config.on_chief_exit,
+            shutdown_command=layout.shutdown_command,
         )
     )
+    if posts:
+        # The signed values go through the agent's own reader: a shape it refuses fails here.
+        data = dump_agent_config(parse_agent_config({**data, **posts}))
+    return data
 
 
 def _multipart(parts: Sequence[Part]) -> bytes:
