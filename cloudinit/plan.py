@@ -197,9 +197,15 @@ def staged_binaries(
     if not wanted:
         return []
     staged = []
+    checkout = wheel.find_checkout()
     for arch in arches:
+        # A checkout keeps other architectures' builds apart (scripts/install-tools).
+        own = checkout / ".tools" / "bin" / f"linux-{arch}" if checkout else None
         found = artifacts.instance_binaries(
-            arch, checkout=wheel.find_checkout(), download=config.download_binaries
+            arch,
+            binary_dir=own if arch != "amd64" else None,
+            checkout=checkout,
+            download=config.download_binaries,
         )
         staged += artifacts.stage_binaries(arch, {name: found[name] for name in wanted})
     return staged

@@ -72,6 +72,8 @@ def _paths(root: Path, systemctl: Path) -> dict[str, str | int | bool]:
         "service_user": pwd.getpwuid(os.geteuid()).pw_name,
         "systemctl": str(systemctl),
         "agent_venv": sys.prefix,
+        # No forwarding of other names: nothing leaves this machine (EC2: the VPC resolver).
+        "dns_forward": "",
     }
 
 

@@ -66,9 +66,9 @@ class MotoProvider(Ec2Provider):
                 CidrBlock=cidr,
                 TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
             )
-            tables = self.ec2.describe_route_tables(
-                Filters=[{"Name": "vpc-id", "Values": [vpc]}]
-            )["RouteTables"]
+            tables = self.ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])[
+                "RouteTables"
+            ]
             self.ec2.create_vpc_endpoint(
                 VpcId=vpc,
                 ServiceName=s3_service(self.region),
