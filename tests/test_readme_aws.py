@@ -2,10 +2,11 @@
 
 They run through the ``tfcluster`` entry point (console_scripts). The config
 is the README's own ``tfcluster.yaml`` block, unchanged: it gives no
-``ami``, so the image comes from Canonical's public SSM parameter, which moto lacks and refuses to take through PutParameter (a reserved name):
-it is written into moto's SSM backend (`publish_parameter`). The commands
-are the README's ``sh`` block, each run through the CLI in order; ``down``
-asks first and is answered "y", as an operator would.
+``ami``, so the image comes from Canonical's public SSM parameter, which
+moto lacks and refuses to take through PutParameter (a reserved name): it is
+written into moto's SSM backend (`publish_parameter`). The commands are the
+README's ``sh`` block, each run in order; ``down`` asks first and is
+answered "y", as an operator would.
 """
 
 from __future__ import annotations
