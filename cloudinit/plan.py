@@ -180,25 +180,29 @@ def _mb(size: int) -> str:
 
 
 def staged_binaries(
-    config: ClusterConfig, arches: Sequence[str] = ("amd64",)
+    config: ClusterConfig, arches: Sequence[str] = ("amd64",), etcd_arch: str | None = "amd64"
 ) -> list[StagedObject]:
     """The static binaries the instances fetch from the cluster bucket, hashed here.
 
-    One set per architecture in ``arches`` (Go's names: the roles' instance
-    types decide, `RoleImage`). Those the config overrides (``artifacts``) are
-    not staged; etcd and etcdctl only with a control node. Found locally (a
-    checkout's ``.tools/bin``, then ``PATH``), or with ``download_binaries``
+    CoreDNS for each architecture in ``arches``, etcd and etcdctl for
+    ``etcd_arch``, the control node's (None: no control node is launched);
+    Go's names, which the roles' instance types decide (`RoleImage`). Those
+    the config overrides (``artifacts``) are not staged. Found locally (a
+    checkout's ``.tools/bin``, or ``.tools/bin/linux-<arch>`` for another
+    architecture than amd64, then ``PATH``), or with ``download_binaries``
     from the pinned releases, checked; a `StageError` otherwise (naming the
     command that builds them), before anything is created.
     """
-    wanted = [] if "coredns" in config.artifacts else ["coredns"]
-    if config.control_node and "etcd" not in config.artifacts:
-        wanted += ["etcd", "etcdctl"]
-    if not wanted:
-        return []
+    wanted: dict[str, list[str]] = {}
+    for arch in arches:
+        wanted[arch] = [] if "coredns" in config.artifacts else ["coredns"]
+    if config.control_node and etcd_arch is not None and "etcd" not in config.artifacts:
+        wanted.setdefault(etcd_arch, []).extend(["etcd", "etcdctl"])
     staged = []
     checkout = wheel.find_checkout()
-    for arch in arches:
+    for arch, names in wanted.items():
+        if not names:
+            continue
         # A checkout keeps other architectures' builds apart (scripts/install-tools).
         own = checkout / ".tools" / "bin" / f"linux-{arch}" if checkout else None
         found = artifacts.instance_binaries(
@@ -207,7 +211,7 @@ def staged_binaries(
             checkout=checkout,
             download=config.download_binaries,
         )
-        staged += artifacts.stage_binaries(arch, {name: found[name] for name in wanted})
+        staged += artifacts.stage_binaries(arch, {name: found[name] for name in names})
     return staged
 
 
@@ -333,8 +337,9 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
     types: Counter[str] = Counter()
     for item in launches:
         types[config.instance_type(item.role)] += item.count
-    arches = sorted({image.machine.go_arch for image in images})
-    staged = tuple(staged_binaries(config, arches)) if launches else ()
+    arches = sorted({i.machine.go_arch for i in images if i.role != CONTROL_ROLE})
+    control = [i.machine.go_arch for i in images if i.role == CONTROL_ROLE]
+    staged = tuple(staged_binaries(config, arches, next(iter(control), None))) if launches else ()
     bucket, exists, to_upload = None, False, staged
     if staged:
         if not isinstance(provider, BucketStore):
