@@ -160,7 +160,7 @@ class Plan:
                 f"{len(self.staged) - len(self.to_upload)} already there"
             )
             lines.extend(
-                f"  {o.filename} {_mb(o.size)} sha256 {o.sha256}"
+                f"  {o.name} {_mb(o.size)} sha256 {o.sha256}"
                 + ("" if o in self.to_upload else " (present)")
                 for o in self.staged
             )
