@@ -358,3 +358,14 @@ def test_route_check_through_a_moto_server(tmp_path: Path, monkeypatch: pytest.M
         }  # fmt: skip
     finally:
         server.stop()
+
+
+def test_a_check_the_credentials_do_not_allow_is_a_warning(ec2: Any, provider: Ec2Provider) -> None:
+    """Without ec2:DescribeVpcEndpoints (injected: moto does not check IAM) up goes on."""
+    from test_provision import inject_error
+
+    _, subnet, _ = _vpc(ec2)
+    inject_error(provider.ec2, "DescribeVpcEndpoints", "UnauthorizedOperation")
+    problem = provider.s3_route_problem(subnet)
+    assert problem is not None and problem.startswith("cannot check the route to S3:")
+    assert "\n" not in problem

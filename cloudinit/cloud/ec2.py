@@ -48,6 +48,7 @@ from tfcluster.cloudinit.cloud.provider import (
     STOPPING,
     TAG_CLUSTER,
     TERMINATED,
+    AccessDenied,
     BucketStore,
     ClusterLock,
     ClusterSummary,
@@ -254,6 +255,13 @@ class Ec2Provider(NodeProvider, BucketStore):
     # -- network ----------------------------------------------------------------
 
     def s3_route_problem(self, subnet_id: str | None) -> str | None:
+        try:
+            return self._s3_route_problem(subnet_id)
+        except AccessDenied as exc:
+            # A check the credentials may not allow: say so, but do not stop the launch.
+            return f"cannot check the route to S3: {exc}"
+
+    def _s3_route_problem(self, subnet_id: str | None) -> str | None:
         with translate_errors("checking the subnet's route to S3"):
             if subnet_id is not None:
                 subnets = self.ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
