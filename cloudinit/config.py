@@ -18,7 +18,17 @@ The file (every key optional except ``cluster``)::
     ps: 1                            # 1..1000
     workers: 2                       # 1..1000
     instance_types: {control: t3.small, chief: m5.large, ps: m5.large, worker: m5.large}
-    ami: null                        # null: current Ubuntu LTS from UBUNTU_AMI_SSM_PARAMETER
+    ami: null                        # every role's image; null: chosen per instance type
+                                     #   (cloud/ec2_images.py): Ubuntu 24.04 LTS for CPU
+                                     #   types (amd64 or arm64), the AWS Deep Learning
+                                     #   AMI for GPU types, the Neuron DLAMI for trn/inf
+    roles:                           # per-role overrides, each key optional:
+      worker: {instance_type: g5.xlarge, ami: null, disk_gb: 120}
+                                     #   instance_type: instead of instance_types.<role>
+                                     #     (give it in one place); ami: instead of ami;
+                                     #   disk_gb: root volume, 8..16384 (default 16 for
+                                     #     control, 30 for CPU tasks, 120 for GPU tasks,
+                                     #     never below the image's own snapshot)
     subnet_id: null                  # at most one of subnet_id and vpc_id;
     vpc_id: null                     #   neither: the default VPC
     key_name: null                   # EC2 key pair for ssh
@@ -55,7 +65,8 @@ The file (every key optional except ``cluster``)::
                                      #   local cloud sets it, EC2 needs none
 
 Overrides (the command line's ``--set``) use the same keys, dotted for nested
-ones: ``workers``, ``instance_types.worker``, ``artifacts.coredns.sha256``.
+ones: ``workers``, ``instance_types.worker``, ``roles.worker.disk_gb``,
+``artifacts.coredns.sha256``.
 They are applied on top of the file before validation, so an override is
 checked exactly like the file would be. `config_warnings` lists what is
 allowed but probably wrong (ssh open to the world, a TF port taken).
@@ -84,11 +95,6 @@ from tfcluster.cloudinit.schema import ConfigError as ConfigError
 from tfcluster.cloudinit.schema import ConfigFile, error_line, kind, set_dotted
 from tfcluster.discovery.records import ROLES
 
-#: Public SSM parameter holding the current Ubuntu 24.04 LTS AMI of a region.
-UBUNTU_AMI_SSM_PARAMETER = (
-    "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
-)
-
 #: The pinned releases, for an override that gives only a SHA-256. Their
 #: checksums cannot ship here unverified, and a download without a checksum
 #: is not installed, so such an override names the SHA-256 (published next
@@ -116,6 +122,9 @@ class Artifact:
 class ClusterConfig:
     """A validated cluster config; see the module docstring for each key.
 
+    ``instance_types`` holds every role's type, ``roles.<role>.instance_type``
+    applied; ``amis`` and ``disk_gb`` hold only the roles whose ``roles.<role>``
+    gives one (`ami_for`, `disk_for`);
     ``etcd_endpoints`` empty means "launch a control node running etcd";
     ``artifacts`` holds only the overrides given that this config uses (no
     ``etcd`` entry with external etcd endpoints): every other binary is
@@ -150,6 +159,8 @@ class ClusterConfig:
     download_binaries: bool = False
     on_chief_exit: str = "keep"
     output_interval: int = 15 * 60
+    amis: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    disk_gb: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def control_node(self) -> bool:
@@ -163,6 +174,14 @@ class ClusterConfig:
 
     def instance_type(self, role: str) -> str:
         return self.instance_types[role]
+
+    def ami_for(self, role: str) -> str | None:
+        """The role's own ``ami``, else the config's; None: chosen by instance type."""
+        return self.amis.get(role, self.ami)
+
+    def disk_for(self, role: str) -> int | None:
+        """The role's ``disk_gb``; None: the default for its instance type."""
+        return self.disk_gb.get(role)
 
 
 def load_cluster_config(path: Path | None, overrides: Mapping[str, Any]) -> ClusterConfig:
@@ -266,10 +285,17 @@ def _build(file: ConfigFile) -> ClusterConfig:
             )
         artifacts[name] = Artifact(url=url, sha256=given.sha256)
     own = {"instance_types", "artifacts", "layout"}
+    roles = file.roles.model_dump()
+    types = file.instance_types.model_dump()
+    types |= {r: v["instance_type"] for r, v in roles.items() if v["instance_type"] is not None}
     same = [f.name for f in dataclasses.fields(ClusterConfig) if f.name in ConfigFile.model_fields]
     return ClusterConfig(
         **{name: getattr(file, name) for name in same if name not in own},
-        instance_types=MappingProxyType(file.instance_types.model_dump()),
+        instance_types=MappingProxyType(types),
+        amis=MappingProxyType({r: v["ami"] for r, v in roles.items() if v["ami"] is not None}),
+        disk_gb=MappingProxyType(
+            {r: v["disk_gb"] for r, v in roles.items() if v["disk_gb"] is not None}
+        ),
         etcd_endpoints=file.etcd,
         artifacts=MappingProxyType(artifacts),
         layout=MappingProxyType(file.layout.model_dump(exclude_unset=True)),

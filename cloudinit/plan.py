@@ -4,40 +4,48 @@
 what is missing: one launch per role with count N for a role that has no
 node (so the launch index is the task index), one launch per missing index
 when repairing. The plan also says what it costs (instances per type) and
-why the operator should be asked first (`confirmation_reasons`), and what
+why the operator should be asked first (`confirmation_reasons`), what each
+role launches with (`choose_images`: instance type, image, root volume),
+whether the launch subnet can reach S3 (a warning line if not), and what
 goes into the cluster bucket (`staged_objects`): the static binaries that
-the config gives no ``artifacts`` override for, the tfcluster wheel with its
-constraints, the program bundle of ``program_dir``; and how many of their
-bytes the bucket still lacks.
+the config gives no ``artifacts`` override for, one set per architecture the
+roles need (`staged_binaries`), the tfcluster wheel with its constraints,
+the program bundle of ``program_dir``; and how many of their bytes the
+bucket still lacks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tfcluster.cloudinit.cloud.ec2_images import (
+    ACCELERATED_FAMILY,
+    ImageChoiceError,
+    default_disk_gb,
+    default_image_parameter,
+)
 from tfcluster.cloudinit.cloud.provider import (
     CONTROL_ROLE,
+    GO_ARCH,
     PENDING,
     RUNNING,
     BucketStore,
+    Image,
+    MachineType,
     Node,
     NodeProvider,
     PortRange,
     ProviderError,
 )
-from tfcluster.cloudinit.config import UBUNTU_AMI_SSM_PARAMETER, ClusterConfig
+from tfcluster.cloudinit.config import ClusterConfig
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT
 from tfcluster.cloudinit.stage import artifacts, bundle, manifest, wheel
 from tfcluster.cloudinit.stage.manifest import StagedObject
 from tfcluster.discovery.records import ROLES
-
-_ACCELERATED = re.compile(r"^(p[0-9]|g[0-9]|gr[0-9]|dl[0-9]|trn[0-9]|inf[0-9])")
-"""EC2 families with GPUs or other accelerators (p5, g6e, trn2, ...): the costly ones."""
 
 
 class ControlNodeLost(ProviderError):
@@ -61,6 +69,24 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class RoleImage:
+    """What one role's instances launch with: type, image, root volume, and why that image."""
+
+    role: str
+    machine: MachineType
+    image: Image
+    source: str
+    """Where the image id came from: a config key, or the public parameter read."""
+    disk_gb: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.role}: {self.machine.name} ({self.machine.arch}), image "
+            f"{self.image.image_id} from {self.source}, root volume {self.disk_gb} GB"
+        )
+
+
+@dataclass(frozen=True)
 class Plan:
     """What ``up`` found and what it would do about it.
 
@@ -76,8 +102,11 @@ class Plan:
     launches: tuple[Launch, ...]
     stale: tuple[Node, ...] = ()
     surplus: tuple[Node, ...] = ()
-    image_id: str | None = None
+    images: tuple[RoleImage, ...] = ()
+    """One per role that ``launches`` start."""
     subnet_id: str | None = None
+    network_problem: str | None = None
+    """Why the launch subnet cannot reach S3 (`NodeProvider.s3_route_problem`), or None."""
     instance_types: tuple[tuple[str, int], ...] = ()
     """(instance type, count) of what ``launches`` start, biggest count first."""
     staged: tuple[StagedObject, ...] = ()
@@ -91,6 +120,19 @@ class Plan:
     @property
     def complete(self) -> bool:
         return self.security_group is not None and not self.launches
+
+    def image_for(self, role: str) -> RoleImage:
+        """The image, type and root volume ``role`` launches with."""
+        for image in self.images:
+            if image.role == role:
+                return image
+        raise ProviderError(f"the plan launches {role} but chose no image for it")
+
+    def staged_for(self, role: str) -> tuple[StagedObject, ...]:
+        """``staged`` less the binaries built for another architecture than the role's."""
+        own = self.image_for(role).machine.go_arch
+        others = tuple(f"-{arch}" for arch in GO_ARCH.values() if arch != own)
+        return tuple(o for o in self.staged if not o.name.endswith(others))
 
     @property
     def new_instances(self) -> int:
@@ -109,8 +151,9 @@ class Plan:
         if self.security_group is None:
             lines.append("create the security group")
         lines.extend(launch.describe() for launch in self.launches)
-        if self.launches and self.image_id:
-            lines.append(f"image {self.image_id}")
+        lines.extend(f"image for {image.describe()}" for image in self.images)
+        if self.network_problem:
+            lines.append(f"warning: {self.network_problem}")
         if self.staged:
             total = sum(o.size for o in self.staged)
             sending = sum(o.size for o in self.to_upload)
@@ -121,7 +164,7 @@ class Plan:
                 f"{len(self.staged) - len(self.to_upload)} already there"
             )
             lines.extend(
-                f"  {o.filename} {_mb(o.size)} sha256 {o.sha256}"
+                f"  {o.name} {_mb(o.size)} sha256 {o.sha256}"
                 + ("" if o in self.to_upload else " (present)")
                 for o in self.staged
             )
@@ -140,27 +183,40 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-STAGE_ARCH = "amd64"
-"""Instances are linux/amd64 for now (arm64 instance types are not told apart yet)."""
-
-
-def staged_binaries(config: ClusterConfig) -> list[StagedObject]:
+def staged_binaries(
+    config: ClusterConfig, arches: Sequence[str] = ("amd64",), etcd_arch: str | None = "amd64"
+) -> list[StagedObject]:
     """The static binaries the instances fetch from the cluster bucket, hashed here.
 
-    Those the config overrides (``artifacts``) are not staged; etcd and
-    etcdctl only with a control node. Found locally (a checkout's
-    ``.tools/bin``, then ``PATH``), or with ``download_binaries`` from the
-    pinned releases, checked; a `StageError` otherwise, before anything is created.
+    CoreDNS for each architecture in ``arches``, etcd and etcdctl for
+    ``etcd_arch``, the control node's (None: no control node is launched);
+    Go's names, which the roles' instance types decide (`RoleImage`). Those
+    the config overrides (``artifacts``) are not staged. Found locally (a
+    checkout's ``.tools/bin``, or ``.tools/bin/linux-<arch>`` for another
+    architecture than amd64, then ``PATH``), or with ``download_binaries``
+    from the pinned releases, checked; a `StageError` otherwise (naming the
+    command that builds them), before anything is created.
     """
-    wanted = [] if "coredns" in config.artifacts else ["coredns"]
-    if config.control_node and "etcd" not in config.artifacts:
-        wanted += ["etcd", "etcdctl"]
-    if not wanted:
-        return []
-    found = artifacts.instance_binaries(
-        STAGE_ARCH, checkout=wheel.find_checkout(), download=config.download_binaries
-    )
-    return artifacts.stage_binaries(STAGE_ARCH, {name: found[name] for name in wanted})
+    wanted: dict[str, list[str]] = {}
+    for arch in arches:
+        wanted[arch] = [] if "coredns" in config.artifacts else ["coredns"]
+    if config.control_node and etcd_arch is not None and "etcd" not in config.artifacts:
+        wanted.setdefault(etcd_arch, []).extend(["etcd", "etcdctl"])
+    staged = []
+    checkout = wheel.find_checkout()
+    for arch, names in wanted.items():
+        if not names:
+            continue
+        # A checkout keeps other architectures' builds apart (scripts/install-tools).
+        own = checkout / ".tools" / "bin" / f"linux-{arch}" if checkout else None
+        found = artifacts.instance_binaries(
+            arch,
+            binary_dir=own if arch != "amd64" else None,
+            checkout=checkout,
+            download=config.download_binaries,
+        )
+        staged += artifacts.stage_binaries(arch, {name: found[name] for name in names})
+    return staged
 
 
 def staged_bundle(config: ClusterConfig) -> StagedObject | None:
@@ -178,14 +234,17 @@ def staged_bundle(config: ClusterConfig) -> StagedObject | None:
     return bundle.build_bundle(Path(folder), out).staged()
 
 
-def staged_objects(config: ClusterConfig) -> list[StagedObject]:
+def staged_objects(
+    config: ClusterConfig, arches: Sequence[str] = ("amd64",), etcd_arch: str | None = "amd64"
+) -> list[StagedObject]:
     """Everything the instances fetch from the cluster bucket, built and hashed here.
 
-    The binaries (`staged_binaries`), the wheel of this tfcluster and the
-    constraints it is installed with (always: every task installs its agent
-    from them), and the program bundle when ``program_dir`` is set.
+    The binaries for ``arches`` and ``etcd_arch`` (`staged_binaries`), the
+    wheel of this tfcluster and the constraints it is installed with (always:
+    every task installs its agent from them), and the program bundle when
+    ``program_dir`` is set.
     """
-    objects = staged_binaries(config) + wheel.stage_wheel(artifacts.cache_root())
+    objects = staged_binaries(config, arches, etcd_arch) + wheel.stage_wheel(artifacts.cache_root())
     program = staged_bundle(config)
     return objects if program is None else [*objects, program]
 
@@ -226,7 +285,9 @@ def confirmation_reasons(config: ClusterConfig, plan: Plan) -> list[str]:
             f"the cluster would have {total} instances, more than max_instances "
             f"({config.max_instances})"
         )
-    accelerated = sorted({kind for kind, _ in plan.instance_types if _ACCELERATED.match(kind)})
+    accelerated = sorted(
+        {kind for kind, _ in plan.instance_types if ACCELERATED_FAMILY.match(kind)}
+    )
     if accelerated:
         reasons.append(f"it launches GPU/accelerator instance types ({', '.join(accelerated)})")
     return reasons
@@ -241,6 +302,54 @@ def _missing_launches(role: str, wanted: int, live: Sequence[Node]) -> list[Laun
     if len(missing) == wanted:
         return [Launch(role, wanted)]
     return [Launch(role, 1, index) for index in missing]
+
+
+def choose_images(
+    config: ClusterConfig, provider: NodeProvider, roles: Sequence[str]
+) -> tuple[RoleImage, ...]:
+    """Type, image and root volume for each of ``roles``; a `ProviderError` before
+    anything is created when a type is not offered, an image is missing or built
+    for another architecture, or ``disk_gb`` is smaller than the image.
+
+    The image is the role's ``ami``, else the config's, else the public
+    parameter for its instance type (`ec2_images.default_image_parameter`);
+    each type, parameter and image is looked up once.
+    """
+    wanted = list(dict.fromkeys(roles))
+    machines = provider.machine_types([config.instance_type(role) for role in wanted])
+    resolved: dict[str, str] = {}
+    described: dict[str, Image] = {}
+    chosen = []
+    for role in wanted:
+        machine = machines[config.instance_type(role)]
+        image_id = config.ami_for(role)
+        source = f"roles.{role}.ami" if role in config.amis else "ami"
+        if image_id is None:
+            try:
+                source = default_image_parameter(machine)
+            except ImageChoiceError as exc:
+                raise ProviderError(f"{role}: {exc} (roles.{role}.ami)") from None
+            if source not in resolved:
+                resolved[source] = provider.resolve_image(source)
+            image_id = resolved[source]
+        if image_id not in described:
+            described[image_id] = provider.describe_image(image_id)
+        image = described[image_id]
+        if image.arch != machine.arch:
+            raise ProviderError(
+                f"{role}: image {image_id} ({source}) is {image.arch}, but {machine.name} "
+                f"runs {machine.arch}; give roles.{role}.ami an {machine.arch} image"
+            )
+        disk = config.disk_for(role)
+        floor = image.root_gb or 0
+        if disk is not None and disk < floor:
+            raise ProviderError(
+                f"roles.{role}.disk_gb: {disk} GB is smaller than image {image_id}'s "
+                f"own root volume ({floor} GB)"
+            )
+        disk = disk or max(default_disk_gb(role, machine), floor)
+        chosen.append(RoleImage(role, machine, image, source, disk))
+    return tuple(chosen)
 
 
 def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
@@ -264,17 +373,20 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
             f"cluster {config.cluster} has task nodes but no control node; their etcd is "
             f"gone: run 'tfcluster down --cluster {config.cluster}' and 'up' again"
         )
-    image_id = None
+    images: tuple[RoleImage, ...] = ()
     subnet_id = config.subnet_id
+    network_problem = None
     if launches:
-        image_id = config.ami or provider.resolve_image(UBUNTU_AMI_SSM_PARAMETER)
-        provider.check_image(image_id)
+        images = choose_images(config, provider, [item.role for item in launches])
         if subnet_id is None and config.vpc_id is not None:
             subnet_id = provider.subnet_in(config.vpc_id)
+        network_problem = provider.s3_route_problem(subnet_id)
     types: Counter[str] = Counter()
     for item in launches:
         types[config.instance_type(item.role)] += item.count
-    staged = tuple(staged_objects(config)) if launches else ()
+    arches = sorted({i.machine.go_arch for i in images if i.role != CONTROL_ROLE})
+    control = [i.machine.go_arch for i in images if i.role == CONTROL_ROLE]
+    staged = tuple(staged_objects(config, arches, next(iter(control), None))) if launches else ()
     bucket, exists, to_upload = None, False, staged
     if staged:
         if not isinstance(provider, BucketStore):
@@ -293,8 +405,9 @@ def plan_up(config: ClusterConfig, provider: NodeProvider) -> Plan:
         launches=tuple(launches),
         stale=tuple(stale),
         surplus=tuple(surplus),
-        image_id=image_id,
+        images=images,
         subnet_id=subnet_id,
+        network_problem=network_problem,
         instance_types=tuple(types.most_common()),
         staged=staged,
         bucket=bucket,

@@ -265,13 +265,14 @@ def _apply(
     expires = _expiry(config)
     bucket, uploaded, seconds = _stage(config, provider, plan, made, on_event)
 
-    def signed() -> dict[str, Artifact] | None:
-        """Presigned URLs made afresh for each launch (signing is local: no call)."""
+    def signed(role: str) -> dict[str, Artifact] | None:
+        """Presigned URLs made afresh for each launch (signing is local: no call),
+        of the binaries built for the role's architecture."""
         if bucket is None or not isinstance(provider, BucketStore):
             return None  # nothing staged: _stage makes a bucket only on a BucketStore
         return {
             fetch_name(o): Artifact(provider.presign(bucket, o.key, config.url_expiry), o.sha256)
-            for o in plan.staged
+            for o in plan.staged_for(role)
         }
 
     def posts(item: Launch) -> dict[str, Any] | None:
@@ -281,24 +282,25 @@ def _apply(
         return agent_posts(provider.s3, bucket, item.role, item.index, config.url_expiry)
 
     def launch(item: Launch, etcd: Sequence[str] | None) -> list[Node]:
-        if plan.image_id is None:
-            raise ProviderError("the plan launches nodes but names no image")
+        image = plan.image_for(item.role)
         user_data = render_user_data(
             config,
             item.role,
             index=item.index,
             etcd_endpoints=list(etcd) if etcd else None,
-            staged=signed(),
+            staged=signed(item.role),
             posts=posts(item),
         )
         spec = LaunchSpec(
-            image_id=plan.image_id,
-            instance_type=config.instance_type(item.role),
+            image_id=image.image.image_id,
+            instance_type=image.machine.name,
             security_group_id=group_id,
             subnet_id=plan.subnet_id,
             key_name=config.key_name,
             spot=config.spot_workers and item.role == "worker",
             expires=expires,
+            root_device=image.image.root_device,
+            disk_gb=image.disk_gb,
         )
         nodes = provider.launch(
             config.cluster,

@@ -27,6 +27,9 @@ DEFAULT_INSTANCE_TYPES = {
 }
 MAX_TASKS = 1000
 """Per role: far above what an account may launch, far below what exhausts memory."""
+MIN_DISK_GB = 8
+MAX_DISK_GB = 16384
+"""A root volume: the smallest Ubuntu image's own size; gp3's largest volume (16 TiB)."""
 
 #: Zone suffixes reserved for private use: mDNS (RFC 6762, whose appendix G
 #: also names lan, home, corp, private, intranet), ICANN's .internal, RFC
@@ -69,6 +72,23 @@ class InstanceTypes(BaseModel):
     worker: InstanceType = DEFAULT_INSTANCE_TYPES["worker"]
 
 
+class RoleSettings(BaseModel):
+    """``roles.<role>``: what differs for one role's instances."""
+
+    model_config = _STRICT
+    instance_type: InstanceType | None = None
+    ami: Annotated[str | None, _aws_id("ami")] = None
+    disk_gb: Annotated[int | None, PlainValidator(integer(MIN_DISK_GB, MAX_DISK_GB))] = None
+
+
+class Roles(BaseModel):
+    model_config = _STRICT
+    control: RoleSettings = RoleSettings()
+    chief: RoleSettings = RoleSettings()
+    ps: RoleSettings = RoleSettings()
+    worker: RoleSettings = RoleSettings()
+
+
 class ArtifactFields(BaseModel):
     model_config = _STRICT
     url: Annotated[str | None, PlainValidator(checks.artifact_url)] = None
@@ -102,6 +122,7 @@ class ConfigFile(BaseModel):
     workers: Count = 2
     instance_types: InstanceTypes = InstanceTypes()
     ami: Annotated[str | None, _aws_id("ami")] = None
+    roles: Roles = Roles()
     subnet_id: Annotated[str | None, _aws_id("subnet")] = None
     vpc_id: Annotated[str | None, _aws_id("vpc")] = None
     key_name: Annotated[str | None, _one_line("the name of an EC2 key pair")] = None
@@ -130,6 +151,12 @@ class ConfigFile(BaseModel):
             raise ValueError("program_dir: is unpacked on the chief, but chief is 0")
         if self.on_chief_exit == "down" and self.program is None:
             raise ValueError("on_chief_exit: down needs a program (else the chief never exits)")
+        for role in Roles.model_fields:
+            own = getattr(self.roles, role).instance_type
+            if own is not None and role in self.instance_types.model_fields_set:
+                raise ValueError(
+                    f"roles.{role}.instance_type: instance_types.{role} sets it too; give one"
+                )
         if self.subnet_id is not None and self.vpc_id is not None:
             raise ValueError("vpc_id: give subnet_id or vpc_id, not both (a subnet has one VPC)")
         if not self.allow_public_zone and not self.zone.endswith(

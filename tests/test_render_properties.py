@@ -57,6 +57,11 @@ FIELDS: dict[str, str] = {
     "zone": "tensorflow.local",
     **{f"instance_types.{role}": "m5.large" for role in ("control", "chief", "ps", "worker")},
     "ami": "ami-0123456789abcdef0",
+    **{f"roles.{role}.instance_type": "g5.xlarge" for role in ("control", "chief", "ps", "worker")},
+    **{
+        f"roles.{role}.ami": "ami-0123456789abcdef0"
+        for role in ("control", "chief", "ps", "worker")
+    },
     "subnet_id": "subnet-0123456789abcdef0",
     "vpc_id": "vpc-0123456789abcdef0",
     "key_name": "ops",

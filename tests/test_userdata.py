@@ -161,10 +161,13 @@ def test_corefile_and_resolver_point_at_each_other():
     config = make_config(zone="ml.example.local")
     files = embedded_files(script_of(config, "ps", etcd_endpoints=ETCD))
     expected = CorefileSettings(
-        cluster="demo", zone="ml.example.local", etcd_endpoints=tuple(ETCD), dns_port=5353
-    )
+        cluster="demo", zone="ml.example.local", etcd_endpoints=tuple(ETCD), dns_port=5353,
+        upstreams=("169.254.169.253",),
+    )  # fmt: skip
     assert files["/etc/tfcluster/Corefile"] == render_corefile(expected)
-    assert ".:" not in files["/etc/tfcluster/Corefile"]  # no catch-all block: zone only
+    # resolved asks its global server for every other name too: CoreDNS forwards those.
+    assert "\n.:5353 {\n" in files["/etc/tfcluster/Corefile"]
+    assert "forward . 169.254.169.253\n" in files["/etc/tfcluster/Corefile"]
     resolved = files["/etc/systemd/resolved.conf.d/tfcluster.conf"]
     assert "\nDNS=127.0.0.1:5353\n" in resolved
     assert "\nDomains=~ml.example.local\n" in resolved

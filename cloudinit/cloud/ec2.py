@@ -11,9 +11,11 @@ instance or group that exists is always findable by its cluster tag, even if
 the process dies between two calls. ``endpoint_url`` points the client
 elsewhere than AWS, e.g. at a moto server for the local cloud.
 
-This module holds the instances and the waits; the security group
-(`ec2_groups`), the lock (`ec2_lock`) and the cluster bucket on S3
-(`bucket`, the `BucketStore` side) each have their own.
+This module holds the instances and the waits, and makes the calls whose
+answers `ec2_images` (image and root volume per role) and `ec2_network` (can
+a subnet reach S3) decide on; the security group (`ec2_groups`), the lock
+(`ec2_lock`) and the cluster bucket on S3 (`bucket`, the `BucketStore` side)
+each have their own.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from tfcluster.cloudinit.cloud.aws_errors import (
 )
 from tfcluster.cloudinit.cloud.bucket import ClusterBuckets
 from tfcluster.cloudinit.cloud.ec2_groups import SecurityGroups
+from tfcluster.cloudinit.cloud.ec2_images import image_of, machine_of
 from tfcluster.cloudinit.cloud.ec2_instances import TERMINATE_BATCH, node_of, run_instances_params
 from tfcluster.cloudinit.cloud.ec2_lock import ClusterLocks
+from tfcluster.cloudinit.cloud.ec2_network import s3_route_problem
 from tfcluster.cloudinit.cloud.provider import (
     LIVE_STATES,
     RUNNING,
@@ -44,11 +48,14 @@ from tfcluster.cloudinit.cloud.provider import (
     STOPPING,
     TAG_CLUSTER,
     TERMINATED,
+    AccessDenied,
     BucketStore,
     ClusterLock,
     ClusterSummary,
+    Image,
     LaunchFailed,
     LaunchSpec,
+    MachineType,
     Node,
     NodeProvider,
     PortRange,
@@ -232,11 +239,55 @@ class Ec2Provider(NodeProvider, BucketStore):
         with translate_errors(f"resolving the image parameter {parameter}"):
             return str(self._ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
 
-    def check_image(self, image_id: str) -> None:
+    def describe_image(self, image_id: str) -> Image:
         with translate_errors(f"looking up image {image_id}"):
             images = self.ec2.describe_images(ImageIds=[image_id])["Images"]
         if not images or images[0].get("State", "available") != "available":
             raise UnknownAMI(f"image {image_id} is not available in {self.region}")
+        return image_of(images[0])
+
+    def machine_types(self, names: Sequence[str]) -> dict[str, MachineType]:
+        wanted = sorted(set(names))
+        with translate_errors(f"looking up instance types {', '.join(wanted)}"):
+            answer = self.ec2.describe_instance_types(InstanceTypes=wanted)["InstanceTypes"]
+        found = {m.name: m for m in map(machine_of, answer)}
+        missing = [name for name in wanted if name not in found]
+        if missing:
+            raise ProviderError(f"{self.region} offers no instance type {', '.join(missing)}")
+        return found
+
+    # -- network ----------------------------------------------------------------
+
+    def s3_route_problem(self, subnet_id: str | None) -> str | None:
+        try:
+            return self._s3_route_problem(subnet_id)
+        except AccessDenied as exc:
+            # A check the credentials may not allow: say so, but do not stop the launch.
+            return f"cannot check the route to S3: {exc}"
+
+    def _s3_route_problem(self, subnet_id: str | None) -> str | None:
+        with translate_errors("checking the subnet's route to S3"):
+            if subnet_id is not None:
+                subnets = self.ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
+            else:
+                subnets = self.ec2.describe_subnets(
+                    Filters=[{"Name": "default-for-az", "Values": ["true"]}]
+                )["Subnets"]
+                if not subnets:
+                    return f"{self.region} has no default VPC: set subnet_id or vpc_id"
+            vpc_id = subnets[0]["VpcId"]
+            tables = self.ec2.describe_route_tables(
+                Filters=[{"Name": "vpc-id", "Values": [vpc_id]}]
+            )["RouteTables"]
+            endpoints = self.ec2.describe_vpc_endpoints(
+                Filters=[{"Name": "vpc-id", "Values": [vpc_id]}]
+            )["VpcEndpoints"]
+        # EC2 picks the default subnet: a problem only if every one of them has it.
+        problems = [
+            s3_route_problem(subnet, _table_of(subnet, tables), endpoints, self.region)
+            for subnet in subnets
+        ]
+        return None if None in problems else problems[0]
 
     # -- instances --------------------------------------------------------------
 
@@ -386,3 +437,14 @@ class Ec2Provider(NodeProvider, BucketStore):
             return True if done == len(wanted) else None
 
         self._wait(check, f"{len(wanted)} instances to terminate", timeout)
+
+
+def _table_of(subnet: dict[str, Any], tables: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The route table a subnet uses: its own association, else the VPC's main table."""
+    for table in tables:
+        if any(a.get("SubnetId") == subnet["SubnetId"] for a in table.get("Associations", [])):
+            return table
+    for table in tables:
+        if any(a.get("Main") for a in table.get("Associations", [])):
+            return table
+    return None

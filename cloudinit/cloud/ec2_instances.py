@@ -2,7 +2,8 @@
 
 ``run_instances_params`` is pure: the whole RunInstances request for one role,
 so that what every launch asks EC2 for (tags at creation, IMDSv2 only,
-terminate on shutdown, one-time spot) can be read and tested in one place.
+terminate on shutdown, one-time spot, the root volume's size) can be read
+and tested in one place.
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ def run_instances_params(
             {"ResourceType": "volume", "Tags": tag_list({TAG_CLUSTER: cluster})},
         ],
     }
+    if spec.disk_gb is not None and spec.root_device is not None:
+        # The image's root device with our size; gp3, and gone with the instance.
+        params["BlockDeviceMappings"] = [
+            {
+                "DeviceName": spec.root_device,
+                "Ebs": {
+                    "VolumeSize": spec.disk_gb,
+                    "VolumeType": "gp3",
+                    "DeleteOnTermination": True,
+                },
+            }
+        ]
     if spec.subnet_id is not None:
         params["SubnetId"] = spec.subnet_id
     if spec.key_name is not None:

@@ -175,6 +175,41 @@ class LaunchSpec:
     spot: bool = False
     expires: datetime | None = None
     """When the nodes shut themselves down (``max_lifetime``); tagged for ``status``."""
+    root_device: str | None = None
+    disk_gb: int | None = None
+    """The root volume's size (on ``root_device``, the image's); None: the image's own."""
+
+
+X86_64 = "x86_64"
+ARM64 = "arm64"
+GO_ARCH = {X86_64: "amd64", ARM64: "arm64"}
+"""EC2's architecture names -> Go's, which name the staged binaries."""
+
+
+@dataclass(frozen=True)
+class MachineType:
+    """What an instance type runs: its CPU architecture (EC2's name: x86_64 or
+    arm64), and its accelerator, if any (``nvidia``, ``neuron``, ``other``)."""
+
+    name: str
+    arch: str
+    accelerator: str | None = None
+
+    @property
+    def go_arch(self) -> str:
+        """Go's name of the architecture (amd64, arm64): the staged binaries' suffix."""
+        return GO_ARCH[self.arch]
+
+
+@dataclass(frozen=True)
+class Image:
+    """What matters about a machine image for launching it."""
+
+    image_id: str
+    arch: str
+    root_device: str | None
+    root_gb: int | None
+    """The size of the image's root snapshot: a root volume cannot be smaller."""
 
 
 @dataclass(frozen=True)
@@ -272,8 +307,20 @@ class NodeProvider(abc.ABC):
         """The image id that a public parameter (e.g. SSM) names right now."""
 
     @abc.abstractmethod
-    def check_image(self, image_id: str) -> None:
-        """Raise `UnknownAMI` unless the image exists here and may be launched."""
+    def describe_image(self, image_id: str) -> Image:
+        """The image's architecture and root device; `UnknownAMI` unless it exists
+        here and may be launched."""
+
+    @abc.abstractmethod
+    def machine_types(self, names: Sequence[str]) -> dict[str, MachineType]:
+        """Architecture and accelerator of each instance type, in one call;
+        `ProviderError` naming any type this region does not offer."""
+
+    @abc.abstractmethod
+    def s3_route_problem(self, subnet_id: str | None) -> str | None:
+        """Why instances launched into ``subnet_id`` (None: a default subnet of the
+        default VPC) cannot reach S3, in one line; None when they can, or when it
+        cannot be told. Changes nothing."""
 
     @abc.abstractmethod
     def launch(

@@ -71,6 +71,8 @@ def _paths(root: Path, systemctl: Path) -> dict[str, str | int | bool]:
         "tf_config_path": f"{root}/{TF_CONFIG}",
         "service_user": pwd.getpwuid(os.geteuid()).pw_name,
         "systemctl": str(systemctl),
+        # No forwarding of other names: nothing leaves this machine (EC2: the VPC resolver).
+        "dns_forward": "",
     }
 
 

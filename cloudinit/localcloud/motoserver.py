@@ -34,6 +34,7 @@ from typing import Any
 
 from tfcluster.cloudinit.cloud.aws_errors import translate_errors
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
+from tfcluster.cloudinit.cloud.ec2_network import s3_service
 from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, ProviderError
 from tfcluster.cloudinit.localcloud import daemons
 from tfcluster.cloudinit.localcloud.localstack import free_port
@@ -54,7 +55,11 @@ class MotoProvider(Ec2Provider):
     cloud needs: a network of its own to launch into, and an image to launch."""
 
     def ensure_subnet(self, cluster: str, cidr: str) -> str:
-        """The cluster's VPC and subnet on ``cidr``, tagged; created once."""
+        """The cluster's VPC and subnet on ``cidr``, tagged; created once.
+
+        The VPC gets an S3 gateway endpoint, which is what the local instances
+        have: they reach moto's S3 over the bridge, with no route to anywhere
+        else (and so `up`'s check of the route to S3 passes, as it must)."""
         tag = [{"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]}]
         tags = [{"Key": TAG_CLUSTER, "Value": cluster}]
         with translate_errors(f"creating the local subnet {cidr} in moto"):
@@ -69,12 +74,24 @@ class MotoProvider(Ec2Provider):
                 CidrBlock=cidr,
                 TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
             )
+            tables = self.ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])[
+                "RouteTables"
+            ]
+            self.ec2.create_vpc_endpoint(
+                VpcId=vpc,
+                ServiceName=s3_service(self.region),
+                VpcEndpointType="Gateway",
+                RouteTableIds=[t["RouteTableId"] for t in tables],
+            )
         return str(subnet["Subnet"]["SubnetId"])
 
     def any_image(self) -> str:
-        """An image moto holds (it registers a fixed set in every region): the "AMI"."""
+        """An x86_64 image moto holds (it registers a fixed set in every region): the
+        "AMI" of the default instance types, which are x86_64."""
         with translate_errors("listing moto's images"):
-            images = self.ec2.describe_images(Owners=["amazon"])["Images"]
+            images = self.ec2.describe_images(
+                Owners=["amazon"], Filters=[{"Name": "architecture", "Values": ["x86_64"]}]
+            )["Images"]
         if not images:
             raise ProviderError("the moto server holds no image to launch")
         return str(min(image["ImageId"] for image in images))

@@ -15,7 +15,9 @@ class CorefileSettings:
 
     ``upstreams`` empty means CoreDNS answers only the cluster zone (REFUSED
     for anything else): the right default wherever nothing should leave the
-    machine, such as tests and the local stack.
+    machine, such as tests and the local stack. Instances forward to the VPC
+    resolver (``Layout.dns_forward``): systemd-resolved asks their CoreDNS for
+    names outside the zone too.
     """
 
     cluster: str

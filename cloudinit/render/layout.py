@@ -24,6 +24,8 @@ from tfcluster.cloudinit.checks import (
     IPv4,
     Port,
     User,
+    host_port,
+    ipv4,
     one_of,
     path,
     server_url,
@@ -40,8 +42,27 @@ def _site_packages(value: Any) -> str:
     return "" if value == "" else path(value)
 
 
+def _forward(value: Any) -> str:
+    """An upstream for CoreDNS's ``forward``: an IPv4 address, ``IPv4:PORT``, or empty."""
+    if value == "":
+        return ""
+    try:
+        return ipv4(value)
+    except ValueError:
+        pass
+    try:
+        address = host_port(value)
+        ipv4(address.rpartition(":")[0])
+    except ValueError:
+        raise ValueError(
+            f"must be an IPv4 address or IPv4:PORT (or empty), got {value!r}"
+        ) from None
+    return address
+
+
 ImdsUrl = Annotated[str, PlainValidator(_imds)]
 SitePackages = Annotated[str, PlainValidator(_site_packages)]
+Forward = Annotated[str, PlainValidator(_forward)]
 AddressMode = Annotated[str, PlainValidator(one_of("names", "ips"))]
 
 
@@ -64,6 +85,12 @@ class Layout:
     """What the script calls to schedule ``max_lifetime``'s shutdown (``-P +MINUTES``)."""
     dns_bind: IPv4 = "127.0.0.1"
     dns_port: Port = 5353
+    dns_forward: Forward = "169.254.169.253"
+    """Where CoreDNS sends every name outside the zone: the VPC's Route 53 Resolver
+    (also at the VPC's base address + 2). systemd-resolved asks a global DNS=
+    server for every name that no routing domain claims, so CoreDNS answers
+    those by forwarding rather than with REFUSED. Empty: no forwarding (the
+    local cloud, whose instances must not send anything off this machine)."""
     health_addr: HostPort = "127.0.0.1:8080"
     ready_addr: HostPort = "127.0.0.1:8181"
     etcd_client_port: Port = ETCD_CLIENT_PORT

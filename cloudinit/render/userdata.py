@@ -6,10 +6,12 @@ Every file the script writes is rendered here, on the operator's side, and
 embedded in the script; the only value the instance adds itself is the
 control node's private address, which etcd advertises.
 
-The Corefile has no ``.`` block (no upstreams): systemd-resolved sends only
-the cluster zone to CoreDNS (a routing-only domain in its drop-in) and every
-other name to the VPC resolver as before, so CoreDNS never sees other names
-and a forwarder would only add a second path for them.
+The resolver: systemd-resolved sends names under the zone to the local
+CoreDNS (the routing domain ``~zone`` in its drop-in). Its DNS= there is a
+global server, and resolved asks the global server for every name that no
+routing domain claims as well (systemd-resolved.service(8), "Protocols and
+routing"), so the Corefile has a ``.`` block that forwards those names to
+the VPC resolver (``layout.dns_forward``) instead of answering REFUSED.
 
 EC2 limits user-data to 16384 bytes before base64. Above that the multipart
 is gzip-compressed (cloud-init detects gzip); above that again it is an error.
@@ -360,6 +362,7 @@ def _files(
         ready_addr=layout.ready_addr,
         health_addr=layout.health_addr,
         record_ttl=config.record_ttl,
+        upstreams=(layout.dns_forward,) if layout.dns_forward else (),
     )
     files = [
         _File(corefile, "0644", render_corefile(settings)),

@@ -1,0 +1,82 @@
+"""Every command of the README's AWS section runs as written, against moto.
+
+They run through the ``tfcluster`` entry point (console_scripts). The config
+is the README's own ``tfcluster.yaml`` block, unchanged: it gives no
+``ami``, so the image comes from Canonical's public SSM parameter, which
+moto lacks and refuses to take through PutParameter (a reserved name): it is
+written into moto's SSM backend (`publish_parameter`). The commands are the
+README's ``sh`` block, each run in order; ``down`` asks first and is
+answered "y", as an operator would.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+from moto import mock_aws
+from test_images_network import PUBLISHED, publish_parameter
+
+from controlled_moto import use_fake_aws
+from tfcluster.discovery.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+REGION = "us-east-1"
+
+
+def aws_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Using tfcluster on AWS")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def readme_config() -> str:
+    """The first yaml block of the section: the smallest useful config."""
+    found = re.search(r"```yaml\n(.*?)```", aws_section(), re.S)
+    assert found is not None
+    return found.group(1)
+
+
+def readme_commands() -> list[list[str]]:
+    """The sh block's commands, continuation lines joined, comments dropped."""
+    found = re.search(r"```sh\n(.*?)```", aws_section(), re.S)
+    assert found is not None
+    joined = re.sub(r"\\\n\s*", " ", found.group(1))
+    commands = [shlex.split(line, comments=True) for line in joined.splitlines()]
+    return [argv for argv in commands if argv]
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    use_fake_aws(monkeypatch, tmp_path, REGION)
+    with mock_aws(config={"core": {"mock_credentials": False}}):
+        for name, value in PUBLISHED.items():
+            publish_parameter(name, value)
+        yield
+
+
+def test_every_aws_command_of_the_readme_runs_as_written(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tfcluster.yaml").write_text(readme_config())
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    assert [argv[:2] for argv in commands] == [
+        ["tfcluster", "up"], ["tfcluster", "up"], ["tfcluster", "status"],
+        ["tfcluster", "render"], ["tfcluster", "down"], ["tfcluster", "ls"],
+        ["tfcluster", "unlock"],
+    ]  # fmt: skip
+    for argv in commands:
+        result = CliRunner().invoke(main, argv[1:], input="y\n")
+        assert result.exit_code == 0, f"{shlex.join(argv)}: {result.output}"
+    ec2 = boto3.client("ec2", region_name=REGION)
+    left = ec2.describe_instances(
+        Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}]
+    )["Reservations"]
+    assert left == []
