@@ -66,8 +66,8 @@ FIELDS: dict[str, str] = {
     "artifacts.coredns.sha256": "c" * 64,
     "artifacts.etcd.url": "https://downloads.example/etcd.tar.gz",
     "artifacts.etcd.sha256": "d" * 64,
-    "agent_package": "tfcluster[tf]",
     "program": "python3 train.py --steps 10",
+    "program_dir": str(REPO / "examples"),
     "max_lifetime": "12h",
     "url_expiry": "6h",
     **{

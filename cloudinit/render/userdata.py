@@ -310,7 +310,14 @@ def _script_variables(
             "shutdown": layout.shutdown_command,
             "lifetime_minutes": -(-config.max_lifetime // 60),
         }
-    return [(name, shlex.quote(str(value))) for name, value in values.items()]
+    return [(name, _quote(str(value))) for name, value in values.items()]
+
+
+def _quote(value: str) -> str:
+    """``shlex.quote``, and quotes too around a bare word with ``+`` (``python+3``),
+    which shellcheck reads as attempted arithmetic (SC2100)."""
+    quoted = shlex.quote(value)
+    return f"'{value}'" if quoted == value and "+" in value else quoted
 
 
 def _duration(seconds: int | None) -> str:
