@@ -225,9 +225,10 @@ def etcd(value: Any) -> tuple[str, ...]:
 
 
 def artifact_url(value: Any) -> str:
+    """A mirror's URL the instance downloads from (https or http; its SHA-256 is checked)."""
     url = parse_url(value)
-    if url is None or url.scheme not in ("https", "http", "file") or not url.path:
-        raise ValueError(f"must be an https, http or file URL, got {value!r}")
+    if url is None or url.scheme not in ("https", "http") or not url.path:
+        raise ValueError(f"must be an https or http URL, got {value!r}")
     return str(value)
 
 

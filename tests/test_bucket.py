@@ -116,7 +116,9 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
         launch_index=0, local_ipv4="127.0.0.9", instance_id="i-0123456789abcdef0"
     )
     with IMDSEmulator(metadata) as emulator:
-        yield Sandbox(tmp_path / "instance", emulator.url)
+        box = Sandbox(tmp_path / "instance", emulator.url)
+        yield box
+        box.close()
 
 
 def client(server: ControlledMoto, service: str) -> Any:

@@ -184,7 +184,11 @@ def test_config_is_frozen(tmp_path):
         ),
         (
             {"artifacts": {"coredns": {"sha256": SHA_A, "url": "ftp://x/c.tgz"}}},
-            "artifacts.coredns.url: must be an https, http or file URL",
+            "artifacts.coredns.url: must be an https or http URL",
+        ),
+        (
+            {"artifacts": {"coredns": {"sha256": SHA_A, "url": "file:///srv/coredns"}}},
+            "artifacts.coredns.url: must be an https or http URL",
         ),
         ({"agent_package": "tfcluster[tf]"}, "agent_package: unknown key"),
         ({"program_dir": "/nonexistent/prog"}, "program_dir: /nonexistent/prog does not exist"),
@@ -243,14 +247,14 @@ def test_overrides_win_over_the_file(tmp_path):
     overrides = {
         "workers": 7,
         "instance_types.worker": "c5.2xlarge",
-        "artifacts.coredns.url": "file:///srv/coredns",
+        "artifacts.coredns.url": "https://mirror.example/coredns",
         "artifacts.coredns.sha256": SHA_B,
         "region": None,  # not given on the command line: the file's value stays
     }
     config = load_cluster_config(write(tmp_path, GOOD), overrides)
     assert config.workers == 7
     assert config.instance_type("worker") == "c5.2xlarge"
-    assert config.artifacts["coredns"].url == "file:///srv/coredns"
+    assert config.artifacts["coredns"].url == "https://mirror.example/coredns"
     assert config.artifacts["coredns"].sha256 == SHA_B
     assert config.region == "eu-west-1"
 

@@ -3,14 +3,20 @@ own user-data, real etcd, CoreDNS, agents and TensorFlow.
 
 The netns tests need root (network namespaces); CI runs as root. One cluster
 of 1 chief, 2 ps and 2 workers serves the first tests: names resolve through
-getaddrinfo inside every instance, the chief's loss falls, a worker is
-replaced through the EC2 API, and `down --local` leaves nothing behind. A
-second, smaller cluster is crashed (its moto server killed, its state left)
-and removed. A third runs in loopback mode, which needs no root.
+getaddrinfo inside every instance, every agent runs from the wheel installed
+in its own venv, the chief runs examples/train.py from its staged bundle and
+its loss falls, a worker is replaced through the EC2 API, and `down --local`
+leaves nothing behind. A second, smaller cluster is crashed (its moto server
+killed, its state left) and removed. Small clusters of their own then check
+that a tampered staged object stops an instance before its agent starts, and
+that a namespace fetches a presigned URL from moto on the bridge (netns
+clusters share one subnet, so they run one after another). Another runs in
+loopback mode, which needs no root.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -23,8 +29,10 @@ from click.testing import CliRunner
 
 from tfcluster.cloudinit import cli, provision
 from tfcluster.cloudinit.localcloud import daemons, motoserver, network, servicectl
-from tfcluster.cloudinit.localcloud.cloud import LocalCloud, LocalCloudError, training_program
+from tfcluster.cloudinit.localcloud.cloud import LocalCloud, LocalCloudError
 from tfcluster.discovery.waiting import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
 
 needs_netns = pytest.mark.skipif(
     not network.available(), reason="netns mode needs root and network namespaces"
@@ -34,9 +42,20 @@ CLUSTER = "lctest"
 CRASH_CLUSTER = "lccrash"
 LOOPBACK_CLUSTER = "lcloop"
 S3_CLUSTER = "lcs3"
+TAMPER_CLUSTER = "lctamper"
 STEPS = 200_000
 """Far more than the tests wait for: the chief is still training when the worker is replaced."""
 STEP = re.compile(r"^step (\d+) loss ([0-9.]+)$", re.MULTILINE)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SETTINGS = {
+    "ps": 2,
+    "workers": 2,
+    "program_dir": str(EXAMPLES),
+    "program": f"python3 train.py --steps {STEPS} --log-every 100",
+}
+"""The chief runs examples/train.py from its staged bundle."""
+SITE = f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+"""Inside a venv made on this interpreter's base."""
 
 
 def steps_logged(cloud: LocalCloud) -> list[tuple[int, float]]:
@@ -116,9 +135,7 @@ def cloud() -> Iterator[LocalCloud]:
     local = LocalCloud(CLUSTER)
     local.down()  # a previous run's leftovers
     try:
-        config = local.prepare(
-            {"ps": 2, "workers": 2, "program": training_program(STEPS, log_every=100)}
-        )
+        config = local.prepare(SETTINGS)
         local.up(config)
         yield local
     finally:
@@ -152,6 +169,34 @@ def test_the_chief_trains_and_the_loss_falls(cloud: LocalCloud) -> None:
 
 
 @needs_netns
+def test_each_agent_runs_from_its_own_venv_and_the_chief_from_its_bundle(cloud: LocalCloud) -> None:
+    """Installed from the staged wheel inside each instance, not the checkout; the chief's
+    program is the staged examples/ folder, run there with the venv's python3."""
+    venv = f"{cloud.machine_root}/opt/tfcluster/venv"
+    rows = [r for r in cloud.status() if r.barrier_passed is not None and r.node is not None]
+    assert len(rows) == 5
+    for row in rows:
+        log = cloud.agent_log(row.instance_id).read_text(errors="replace")
+        (where,) = re.findall(r"tfcluster agent from (\S+)", log)
+        # The path as the instance sees it: its own disk is mounted over the machine root.
+        assert where == f"{venv}/{SITE}/tfcluster", row.node.label
+        own = cloud.instances_dir / row.instance_id / "fs/opt/tfcluster/venv" / SITE / "tfcluster"
+        installed = own / "discovery" / "agent.py"
+        assert not installed.is_symlink()
+        assert installed.read_bytes() == (REPO / "discovery" / "agent.py").read_bytes()
+        assert not (own.parent / "__editable___tfcluster_0_1_0_finder.py").exists()
+    image = cloud.folder / "image" / "site-packages"
+    assert (image / "tensorflow").exists() and not list(image.glob("tfcluster*"))
+    chief = cloud.find("chief0")
+    assert chief is not None
+    log = cloud.agent_log(chief).read_text(errors="replace")
+    assert f"train.py: working directory {cloud.machine_root}/opt/tfcluster/program\n" in log
+    assert f"train.py: python {venv}/bin/python3, tfcluster from {venv}/{SITE}/tfcluster\n" in log
+    unpacked = cloud.instances_dir / chief / "fs/opt/tfcluster/program"
+    assert (unpacked / "train.py").read_bytes() == (EXAMPLES / "train.py").read_bytes()
+
+
+@needs_netns
 def test_a_replaced_worker_gets_a_new_address_and_training_goes_on(cloud: LocalCloud) -> None:
     old = cloud.find("worker1")
     before = {e.name: e.address for e in cloud.dns_table()}
@@ -159,9 +204,7 @@ def test_a_replaced_worker_gets_a_new_address_and_training_goes_on(cloud: LocalC
     ec2 = motoserver.session().client("ec2", endpoint_url=url)
     ec2.terminate_instances(InstanceIds=[old])
 
-    config = cloud.prepare(
-        {"ps": 2, "workers": 2, "program": training_program(STEPS, log_every=100)}
-    )
+    config = cloud.prepare(SETTINGS)
     cloud.up(config)
     new = cloud.find("worker1")
     assert new is not None and new != old
@@ -214,6 +257,36 @@ def test_down_cleans_up_after_a_crash() -> None:
     down_cli(CRASH_CLUSTER)
     assert leftovers(crashed) == NOTHING
     assert "nothing to remove" in down_cli(CRASH_CLUSTER)
+
+
+@needs_netns
+def test_a_tampered_staged_object_stops_the_instance_before_its_agent_starts() -> None:
+    """The wheel is changed in the bucket between launch and boot: the instance's
+    user-data refuses it in one log line, and no agent ever starts."""
+    tampered = LocalCloud(TAMPER_CLUSTER)
+    tampered.down()
+    try:
+        config = tampered.prepare({"chief": 0, "ps": 1, "workers": 1})
+        provider = tampered.provider()
+        launched = provision.up(config, provider)  # in moto only: nothing booted yet
+        wheel = next(o for o in launched.plan.staged if o.name == "wheel")
+        bad = b"not the wheel"
+        provider.s3.put_object(Bucket=launched.bucket, Key=wheel.key, Body=bad)
+        with pytest.raises(LocalCloudError, match=r"^ps0 \(i-[0-9a-f]+\): user-data exited with 1"):
+            tampered.sync()
+        ps0 = next(n for n in launched.nodes if n.label == "ps0")
+        folder = tampered.instances_dir / ps0.instance_id
+        output = (folder / "cloud-init-output.log").read_text()
+        line = (
+            f"tfcluster user-data: wheel: SHA-256 mismatch (expected {wheel.sha256}, "
+            f"got {hashlib.sha256(bad).hexdigest()}): refused"
+        )
+        assert line in output.splitlines()
+        assert not daemons.pid_file(folder / "fs", "tfcluster-agent.service").exists()
+        assert not (folder / "fs/opt/tfcluster/venv").exists()
+    finally:
+        tampered.down()
+    assert leftovers(tampered) == NOTHING
 
 
 @needs_netns

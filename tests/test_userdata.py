@@ -1,13 +1,17 @@
 """User-data: the exact bytes decode to the parts `tfcluster render` shows, the
 outside checkers accept them (cloud-init schema, shellcheck, systemd-analyze),
-and the script itself runs: against file:// downloads, the IMDS emulator and a
-recording stand-in for systemctl, all inside a temporary folder."""
+and the script itself runs: against downloads from a web server on 127.0.0.1,
+the IMDS emulator and a recording stand-in for systemctl, all inside a
+temporary folder."""
 
 from __future__ import annotations
 
 import dataclasses
 import email
+import functools
 import gzip
+import hashlib
+import http.server
 import json
 import os
 import pwd
@@ -16,6 +20,7 @@ import re
 import stat
 import subprocess
 import tarfile
+import threading
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -277,18 +282,34 @@ def executable(path: Path, text: str) -> Path:
 
 
 def sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; logs nothing (the test's output stays readable)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
 
 
 class Sandbox:
     """One simulated instance's file system under ``root``, with stand-ins for
     the two commands that would change this machine: systemctl (records its
-    arguments) and python (makes a venv whose pip records its arguments)."""
+    arguments) and python (makes a venv whose pip records its arguments); and
+    a web server on 127.0.0.1 for what the script downloads (`serve`).
+    `close` stops the server."""
 
     def __init__(self, root: Path, imds_url: str) -> None:
         self.root = root
+        self.www = root / "www"
+        self.www.mkdir(parents=True)
+        handler = functools.partial(QuietHandler, directory=str(self.www))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.calls = root / "systemctl.log"
         systemctl = executable(root / "tools/systemctl", f'#!/bin/sh\necho "$*" >> {self.calls}\n')
         python = executable(
@@ -324,8 +345,22 @@ class Sandbox:
             shutdown_command=str(shutdown),
         )
 
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def serve(self, path: Path) -> str:
+        """The http URL the sandbox's server gives ``path`` under (a link to it: a
+        change to the file is what the next download gets)."""
+        link = self.www / sha256_text(str(path)) / path.name
+        link.parent.mkdir(exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(path)
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/{link.relative_to(self.www)}"
+
     def artifacts(self) -> dict[str, Any]:
-        """A bare coredns executable and an etcd release-style tarball, as file:// URLs."""
+        """A bare coredns executable and an etcd release-style tarball, served over http."""
         coredns = executable(self.root / "dl/coredns", "#!/bin/sh\necho coredns\n")
         release = self.root / "dl/etcd-v3.7.3-linux-amd64"
         for name in ("etcd", "etcdctl", "etcdutl"):
@@ -334,15 +369,15 @@ class Sandbox:
         with tarfile.open(tarball, "w:gz") as tar:
             tar.add(release, arcname=release.name)
         return {
-            "artifacts.coredns.url": coredns.as_uri(),
+            "artifacts.coredns.url": self.serve(coredns),
             "artifacts.coredns.sha256": sha256(coredns),
-            "artifacts.etcd.url": tarball.as_uri(),
+            "artifacts.etcd.url": self.serve(tarball),
             "artifacts.etcd.sha256": sha256(tarball),
         }
 
     def staged(self) -> dict[str, Artifact]:
-        """A stand-in wheel and constraints as a task fetches them (file:// URLs here;
-        test_bucket.py fetches real ones from a bucket by presigned URL)."""
+        """A stand-in wheel and constraints as a task fetches them (from the sandbox's
+        server here; test_bucket.py fetches real ones from a bucket by presigned URL)."""
         found = {}
         for name, filename, text in (
             ("wheel", "tfcluster-0.1.0-py3-none-any.whl", "a wheel\n"),
@@ -351,7 +386,7 @@ class Sandbox:
             path = self.root / "bucket" / name / filename
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            found[name] = Artifact(path.as_uri(), sha256(path))
+            found[name] = Artifact(self.serve(path), sha256(path))
         return found
 
     def run(
@@ -382,7 +417,9 @@ def imds():
 def sandbox(tmp_path, imds) -> Sandbox:
     for tool in ("curl", "sha256sum", "tar", "bash"):
         require_tool(tool)
-    return Sandbox(tmp_path, imds.url)
+    box = Sandbox(tmp_path, imds.url)
+    yield box
+    box.close()
 
 
 def test_control_script_installs_and_starts_etcd_and_coredns(sandbox):
@@ -435,7 +472,7 @@ def test_chief_script_unpacks_the_program_bundle_where_its_program_runs(sandbox,
     config = make_config(
         program_dir=str(program), program="python3 train.py", **sandbox.artifacts()
     )
-    staged = {**sandbox.staged(), "bundle": Artifact(built.path.as_uri(), built.sha256)}
+    staged = {**sandbox.staged(), "bundle": Artifact(sandbox.serve(built.path), built.sha256)}
     result = sandbox.run(config, "chief", etcd_endpoints=ETCD, staged=staged)
     assert result.returncode == 0, result.stderr
     unpacked = sandbox.path("opt/program")
@@ -457,7 +494,7 @@ def test_a_tampered_bundle_stops_the_chief_script(sandbox, tmp_path):
     (program / "train.py").write_text("print('hi')\n")
     built = bundle.build_bundle(program, tmp_path / "out" / "program.tar.gz")
     config = make_config(program_dir=str(program), **sandbox.artifacts())
-    staged = {**sandbox.staged(), "bundle": Artifact(built.path.as_uri(), built.sha256)}
+    staged = {**sandbox.staged(), "bundle": Artifact(sandbox.serve(built.path), built.sha256)}
     built.path.write_bytes(b"not the bundle")
     result = sandbox.run(config, "chief", etcd_endpoints=ETCD, staged=staged)
     assert result.returncode != 0

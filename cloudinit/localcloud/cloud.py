@@ -187,7 +187,7 @@ class LocalCloud:
         instance.write_systemctl(systemctl, self.machine_root)
         self.machine_root.mkdir(parents=True, exist_ok=True)
         try:
-            python = image.build(self.folder / "image")
+            image_keys = image.build(self.folder / "image")
         except (image.ImageError, OSError) as exc:
             raise LocalCloudError(f"cannot make the local image: {exc}") from None
         local = {
@@ -195,7 +195,7 @@ class LocalCloud:
             "region": motoserver.REGION,
             "ami": provider.any_image(),
             "subnet_id": provider.ensure_subnet(self.cluster, self.cidr),
-            "layout": {**instance.machine_layout(self.machine_root, systemctl), **python},
+            "layout": {**instance.machine_layout(self.machine_root, systemctl), **image_keys},
         }
         if given.program_dir is not None:
             local["program_dir"] = given.program_dir  # absolute: boots re-read it from anywhere

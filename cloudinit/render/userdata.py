@@ -2,6 +2,11 @@
 cloud-config (packages) and one bash script (templates/user-data.sh.j2) that
 does everything else, so the local cloud can run the same script alone.
 
+What the script installs comes from the cluster bucket by presigned URL,
+each checked against the SHA-256 that `up` computed: the binaries, and on
+every task the agent's wheel with its constraints (installed into a venv
+that sees the image's own packages), and on the chief the program bundle.
+
 Every file the script writes is rendered here, on the operator's side, and
 embedded in the script; the only value the instance adds itself is the
 control node's private address, which etcd advertises.
@@ -29,11 +34,13 @@ from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from typing import Any
+from urllib.parse import urlsplit
 
 from tfcluster.cloudinit.config import INSTANCE_ROLES, Artifact, ClusterConfig, etcd_endpoint
 from tfcluster.cloudinit.render.corefile import CorefileSettings, render_corefile
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT, Layout
 from tfcluster.cloudinit.render.templating import render
+from tfcluster.cloudinit.stage.manifest import ManifestError, check_filename
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +151,6 @@ def agent_downloads(
 
 def _url_filename(url: str) -> str:
     """``tfcluster-0.1.0-py3-none-any.whl`` from ``https://host/bucket/objects/<sha>/<it>?...``."""
-    from urllib.parse import urlsplit
-
-    from tfcluster.cloudinit.stage.manifest import ManifestError, check_filename
-
     name = urlsplit(url).path.rsplit("/", 1)[-1]
     try:
         return check_filename(name)
@@ -315,7 +318,14 @@ def _script_variables(
             "shutdown": layout.shutdown_command,
             "lifetime_minutes": -(-config.max_lifetime // 60),
         }
-    return [(name, shlex.quote(str(value))) for name, value in values.items()]
+    return [(name, _quote(str(value))) for name, value in values.items()]
+
+
+def _quote(value: str) -> str:
+    """``shlex.quote``, and quotes too around a bare word with ``+`` (``python+3``),
+    which shellcheck reads as attempted arithmetic (SC2100)."""
+    quoted = shlex.quote(value)
+    return f"'{value}'" if quoted == value and "+" in value else quoted
 
 
 def _duration(seconds: int | None) -> str:
