@@ -157,6 +157,7 @@ class Agent:
         self.reporter: Reporter | None = None
         self.outputs: OutputUploader | None = None
         self._relays: list[threading.Thread] = []
+        """Threads that follow the child (its output, its exit) into the report."""
         self.job_done: dict[str, object] | None = None
         """The job-done key's value once seen or put (on_chief_exit: down)."""
 
@@ -429,7 +430,7 @@ class Agent:
             except OSError as exc:  # it died while importing; its status tells why
                 log.error("TensorFlow process gone before its start: %s", exc)
             log.info("told the TensorFlow process (pid %d) to start", child.pid)
-            threading.Thread(target=self._watch_child, args=(child, False), daemon=True).start()
+            self._start_watching(child, program=False)
             self._report_listening(identity)
         elif self.start_server:
             argv = [sys.executable, "-m", "tfcluster.discovery.tfserver"]
@@ -441,7 +442,7 @@ class Agent:
                 env[OUTPUT_ENV] = str(self.config.output_dir)
             child = self.child = self._spawn(argv, env)
             log.info("started %s (pid %d)", " ".join(argv), child.pid)
-            threading.Thread(target=self._watch_child, args=(child, chief), daemon=True).start()
+            self._start_watching(child, program=chief)
             if chief:
                 if self.reporter is not None:
                     self.reporter.tensorflow(program=True, running=True, pid=child.pid)
@@ -559,6 +560,13 @@ class Agent:
                     self.reporter.tensorflow(program=False, running=True, pid=child.pid)
 
         threading.Thread(target=report, name="listening", daemon=True).start()
+
+    def _start_watching(self, child: subprocess.Popen[bytes], *, program: bool) -> None:
+        watcher = threading.Thread(
+            target=self._watch_child, args=(child, program), name="child", daemon=True
+        )
+        watcher.start()
+        self._relays.append(watcher)  # joined at the end, like the output relays
 
     def _watch_child(self, child: subprocess.Popen[bytes], program: bool) -> None:
         child.wait()

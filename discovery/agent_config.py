@@ -287,9 +287,7 @@ class AgentConfig:
         default=None, metadata=_key(_report_post, _write_report_post, quiet=True)
     )
     """The presigned POST for the chief's outputs (``output/``); None: nothing is uploaded."""
-    output_dir: Path = field(
-        default=Path("/var/lib/tfcluster/output"), metadata=_key(_path, str)
-    )
+    output_dir: Path = field(default=Path("/var/lib/tfcluster/output"), metadata=_key(_path, str))
     """The chief's program gets this directory as TFCLUSTER_OUTPUT_DIR."""
     output_interval: int = field(default=300, metadata=_key(_int_in(1, 86400), quiet=True))
     """Seconds between uploads of changed outputs while the chief's program runs."""

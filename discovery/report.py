@@ -15,7 +15,8 @@ process (server up, or the program's exit code); the agent's exit; the last
 lines of its log (at most ``LOG_LINES`` lines and ``LOG_BYTES`` bytes).
 
 States are the agent's own names (discovery/agent.py: IDENTIFY, CLAIM,
-BARRIER, CONFIGURE, SERVE, STOP); a reporter starts in ``STARTING``. The
+BARRIER, CONFIGURE, SERVE, UPLOAD (the chief's final upload of its outputs),
+STOP); a reporter starts in ``STARTING``. The
 operator's ``status`` counts an agent as claimed once it has been in BARRIER,
 CONFIGURE or SERVE, and past its barrier once in CONFIGURE or SERVE.
 
