@@ -34,7 +34,10 @@ from tfcluster.cloudinit.observe.policy import (
 )
 from tfcluster.discovery import records
 from tfcluster.discovery.etcdclient import child_environment
+from tfcluster.discovery.identity import Identity
 from tfcluster.discovery.output import MARKER_KEY
+from tfcluster.discovery.records import Member
+from tfcluster.discovery.registry import Registry
 from tfcluster.discovery.report import report_key
 from tfcluster.discovery.waiting import wait_for
 
@@ -396,6 +399,23 @@ def test_outputs_upload_while_running_and_at_exit_then_every_agent_shuts_down(
     assert worker_doc["exit"] == {"code": 0, "message": "worker0 stopped: the job is done"}
     assert worker_doc["detail"] == "the job is done: shutting the instance down"
     assert_within_policies(moto.url, bucket, keys)
+
+
+def test_a_job_done_key_older_than_the_claim_is_an_earlier_jobs(stack, etcd, clean_cluster):
+    """An etcd that outlives a cluster (``down`` removes no etcd it did not
+    create) may still hold an earlier job's key under the same cluster name."""
+    key = records.job_done_key(records.cluster_path(stack.cluster))
+    etcd.put(key, json.dumps({"by": "chief0", "exit_code": 0}))
+    registry = Registry(etcd, stack.cluster, stack.zone, lease_ttl=4, record_ttl=1)
+    member = Member("worker", 0)
+    registry.claim(Identity(member, "127.0.43.20", 2222, instance_id_of("worker", 0, "x")))
+    try:
+        assert registry.claim_revision > 0
+        assert registry.job_done() is None  # the earlier job's
+        etcd.put(key, json.dumps({"by": "chief0", "exit_code": 3}))
+        assert registry.job_done() == {"by": "chief0", "exit_code": 3}  # this job's
+    finally:
+        registry.release()
 
 
 def test_a_failing_shutdown_command_is_logged_and_reported(
