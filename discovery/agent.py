@@ -233,13 +233,14 @@ class Agent:
             log.warning("report_post has no form fields for %s or %s", member.label, member.role)
         reporter.identity(identity.instance_id, identity.ip, member.name(self.config.zone))
         reporter.state("IDENTIFY", f"{identity.instance_id} at {identity.ip}")
-        reporter.start()
+        # The writer starts once the claim is not refused (see _claim).
 
     def _finish(self, result: AgentResult) -> None:
         """The end: the child's last lines, the last report, and, when the job
         is done under on_chief_exit down, the instance's shutdown."""
         for relay in self._relays:
             relay.join(RELAY_JOIN)
+        self._enter("STOP")  # also after a failed claim, which ends before the barrier
         power_off = (
             self.config.on_chief_exit == "down"
             and self.job_done is not None
@@ -281,12 +282,17 @@ class Agent:
             raise AgentExit(EXIT_CONFIG, str(exc)) from None
 
     def _claim(self, identity: Identity) -> None:
+        """Claim the name. Reports start once the claim succeeds or etcd does
+        not answer; an agent whose name another live instance holds writes
+        none: its report would overwrite the holder's (one key per name)."""
+
         def attempt() -> bool | None:
             try:
                 self.registry.claim(identity)
                 return True
             except EtcdUnavailable as exc:
                 log.warning("%s; retrying", exc)
+                self._start_writing()
                 return None
 
         try:
@@ -294,7 +300,13 @@ class Agent:
         except NameTaken as exc:
             raise AgentExit(EXIT_NAME_TAKEN, str(exc)) from None
         except (WaitTimeout, RegistryError) as exc:
+            self._start_writing()
             raise AgentExit(EXIT_ETCD, str(exc)) from None
+        self._start_writing()
+
+    def _start_writing(self) -> None:
+        if self.reporter is not None:
+            self.reporter.start()
 
     def _prepare_outputs(self, identity: Identity) -> None:
         """The chief's output directory exists before anything is claimed; with

@@ -204,6 +204,28 @@ def test_reports_follow_the_agents_states(stack, clean_cluster, agents, moto, bu
     assert sorted(objects(moto.url, bucket)) == [report_key("worker0"), report_key("worker1")]
 
 
+def test_a_second_claimant_does_not_overwrite_the_holders_report(
+    stack, clean_cluster, agents, moto, bucket, tmp_path
+):
+    """One report key per name: an instance refused the name writes none.
+    (No heartbeats here: any POST after the holder's SERVE is the second's.)"""
+    roles = {"worker": 1}
+    keys = bucket_keys(moto.url, bucket, roles, report_heartbeat=3600)
+    holder = launch(agents, tmp_path, stack, "worker", 0, "127.0.40.7", roles, raw=keys)
+    wait_report(moto.url, bucket, "worker0", "SERVE", lambda d: d["state"] == "SERVE")
+    posts = moto.calls["PostObject"]
+    second = launch(agents, tmp_path, stack, "worker", 0, "127.0.40.8", roles, raw=keys)
+    assert second.wait_exit(30) == 4
+    assert "is held by instance" in second.log() and "Traceback" not in second.log()
+    assert moto.calls["PostObject"] == posts
+    doc = stored(moto.url, bucket, "worker0")
+    assert doc is not None and doc["address"] == "127.0.40.7" and doc["exit"] is None
+    holder.signal(signal.SIGTERM)
+    assert holder.wait_exit(20) == 0
+    final = stored(moto.url, bucket, "worker0")
+    assert final is not None and final["address"] == "127.0.40.7" and final["state"] == "STOP"
+
+
 def test_without_report_post_nothing_is_written(
     stack, clean_cluster, agents, moto, bucket, tmp_path
 ):
