@@ -244,6 +244,8 @@ def _send(target: PostTarget, data: Any, content_type: str, length: int, timeout
         exc.close()
         raise ReportWriteError(f"HTTP {exc.code} {detail}".strip()) from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, FileShrank):
+            raise ReportWriteError(str(exc.reason)) from None
         raise ReportWriteError(f"cannot reach {target.url}: {exc.reason}") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         # timeouts, resets, a garbled or cut-off answer, a bad URL, a file that shrank
@@ -260,6 +262,10 @@ def post_object(target: PostTarget, key: str, body: bytes, timeout: float) -> No
     _send(target, payload, content_type, len(payload), timeout)
 
 
+class FileShrank(OSError):
+    """The file held fewer bytes than its upload announced (it changed meanwhile)."""
+
+
 class _FileForm(io.RawIOBase):
     """The multipart body of a file upload, read in blocks: the envelope's head,
     exactly ``size`` bytes of the file (hashed on the way), the tail. A file
@@ -267,7 +273,7 @@ class _FileForm(io.RawIOBase):
 
     def __init__(self, head: bytes, handle: BinaryIO, size: int, tail: bytes) -> None:
         super().__init__()
-        self._parts = [head, b"", tail]
+        self._head, self._tail = head, tail
         self._handle, self._left = handle, size
         self.sha256 = hashlib.sha256()
 
@@ -276,17 +282,17 @@ class _FileForm(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         want = 64 * 1024 if size is None or size < 0 else size
-        if self._parts[0]:
-            chunk, self._parts[0] = self._parts[0][:want], self._parts[0][want:]
+        if self._head:
+            chunk, self._head = self._head[:want], self._head[want:]
             return chunk
         if self._left > 0:
             chunk = self._handle.read(min(want, self._left))
             if not chunk:
-                raise OSError(f"{self._left} bytes short: the file shrank while uploading")
+                raise FileShrank(f"{self._left} bytes short: the file shrank while uploading")
             self._left -= len(chunk)
             self.sha256.update(chunk)
             return chunk
-        chunk, self._parts[2] = self._parts[2][:want], self._parts[2][want:]
+        chunk, self._tail = self._tail[:want], self._tail[want:]
         return chunk
 
 

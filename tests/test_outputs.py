@@ -32,7 +32,7 @@ from tfcluster.discovery import output
 from tfcluster.discovery.agent_config import ConfigError, dump_agent_config, parse_agent_config
 from tfcluster.discovery.output import MARKER_KEY, OutputUploader
 from tfcluster.discovery.records import Member
-from tfcluster.discovery.report import PostTarget
+from tfcluster.discovery.report import PostTarget, ReportWriteError, post_file
 from tfcluster.discovery.waiting import wait_for
 
 
@@ -159,6 +159,18 @@ def test_a_large_file_is_streamed_whole(moto, bucket, tmp_path):
     assert uploader.sync().uploaded == ["model.bin"]
     assert uploader.done["model.bin"].sha256 == sha256(data)
     assert objects(moto.url, bucket)["output/model.bin"] == data
+
+
+def test_a_file_that_shrinks_during_its_upload_fails_that_upload_only(moto, bucket, tmp_path):
+    """The size is taken before the upload; fewer bytes on reading (the file was
+    rewritten meanwhile) fail the upload at once instead of leaving S3 waiting."""
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"x" * 100)
+    target = output_target(moto.url, bucket)
+    with pytest.raises(ReportWriteError, match=r"^100 bytes short: the file shrank"):
+        post_file(target, "output/ckpt", path, 200, timeout=10)
+    assert post_file(target, "output/ckpt", path, 100, timeout=10) == sha256(b"x" * 100)
+    assert objects(moto.url, bucket) == {"output/ckpt": b"x" * 100}
 
 
 def test_a_file_larger_than_the_policy_allows_is_named_not_sent(moto, bucket, tmp_path):
