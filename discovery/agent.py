@@ -327,7 +327,10 @@ class Agent:
                         identity.member.label)  # fmt: skip
         if post is not None and fields is not None:
             self.outputs = OutputUploader(
-                PostTarget(post.url, fields), directory, self.config.output_interval
+                PostTarget(post.url, fields),
+                directory,
+                self.config.output_interval,
+                progress=self.reporter.outputs if self.reporter is not None else None,
             )
 
     def _barrier(self, identity: Identity) -> dict[records.Member, Endpoint]:

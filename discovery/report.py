@@ -12,7 +12,9 @@ What a report holds (``REPORT_VERSION`` 1): the agent's state, when it
 entered it and its recent state history; instance id, address and DNS name;
 barrier progress (members seen, expected, who is missing); the TensorFlow
 process (server up, or the program's exit code); the agent's exit; the last
-lines of its log (at most ``LOG_LINES`` lines and ``LOG_BYTES`` bytes).
+lines of its log (at most ``LOG_LINES`` lines and ``LOG_BYTES`` bytes); on
+the chief, its output upload (``outputs``: files and bytes uploaded, whether
+the final upload is complete, the last error).
 
 States are the agent's own names (discovery/agent.py: IDENTIFY, CLAIM,
 BARRIER, CONFIGURE, SERVE, UPLOAD (the chief's final upload of its outputs),
@@ -498,6 +500,7 @@ class Reporter:
             "barrier": None,
             "tensorflow": None,
             "exit": None,
+            "outputs": None,
         }
         self._barrier_source: BarrierSource | None = None
         self._seq = 0
@@ -582,6 +585,11 @@ class Reporter:
     def finished(self, code: int, message: str) -> None:
         """The agent's result (its exit code and one-line message). Written promptly."""
         self._set(urgent=True, exit={"code": code, "message": message})
+
+    def outputs(self, progress: Mapping[str, Any]) -> None:
+        """The chief's output upload (discovery/output.py ``OutputUploader.progress``);
+        written promptly once complete, else with the next write."""
+        self._set(urgent=bool(progress.get("complete")), outputs=dict(progress))
 
     def log_line(self, line: str) -> None:
         """A line for the log tail (e.g. the TensorFlow process's output)."""

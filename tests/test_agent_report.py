@@ -180,6 +180,7 @@ def test_reports_follow_the_agents_states(stack, clean_cluster, agents, moto, bu
     assert states(doc) == ["STARTING", "IDENTIFY", "CLAIM", "BARRIER"]
     assert doc["address"] == "127.0.40.1" and doc["dns_name"] == "worker0.tensorflow.local"
     assert doc["instance_id"] == instance_id_of("worker", 0, "127.0.40.1") and doc["exit"] is None
+    assert doc["outputs"] is None  # a worker uploads no outputs
     assert any("claimed worker0.tensorflow.local" in line for line in doc["log"])
 
     second = launch(agents, tmp_path, stack, "worker", 1, "127.0.40.2", roles, raw=keys)
@@ -414,6 +415,9 @@ def test_outputs_upload_while_running_and_at_exit_then_every_agent_shuts_down(
     assert chief_doc is not None and states(chief_doc)[-3:] == ["SERVE", "UPLOAD", "STOP"]
     assert chief_doc["exit"] == {"code": 0, "message": "chief0 finished"}
     assert chief_doc["tensorflow"]["exit_code"] == 0
+    assert chief_doc["outputs"] == {
+        "files": 2, "bytes": marker["bytes"], "complete": True, "error": None,
+    }  # fmt: skip
     assert "program: done" in chief_doc["log"]  # the program's output, relayed
     assert "program: done" in chief.log()  # and still on the agent's own stdout
     worker_doc = stored(moto.url, bucket, "worker0")

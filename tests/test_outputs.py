@@ -124,9 +124,11 @@ def test_changed_files_only_then_a_marker_that_lists_them(moto, bucket, tmp_path
     (out / "a.txt").write_text("first\n")
     (out / "sub" / "b.bin").write_bytes(os.urandom(3000))
     (out / "empty").write_bytes(b"")
-    uploader = OutputUploader(target, out, interval=3600)
+    told: list[dict[str, Any]] = []
+    uploader = OutputUploader(target, out, interval=3600, progress=told.append)
 
     assert sorted(uploader.sync().uploaded) == ["a.txt", "empty", "sub/b.bin"]
+    assert told[-1] == {"files": 3, "bytes": 3006, "complete": False, "error": None}
     assert moto.calls["PostObject"] == 3
     assert uploader.sync().uploaded == [] and moto.calls["PostObject"] == 3  # nothing changed
     (out / "a.txt").write_text("second, longer\n")
@@ -134,6 +136,7 @@ def test_changed_files_only_then_a_marker_that_lists_them(moto, bucket, tmp_path
 
     (out / "empty").unlink()  # gone before the end: uploaded once, not listed
     assert uploader.finish(0, timeout=30) is True
+    assert told[-1]["complete"] is True and told[-1]["error"] is None
     stored = objects(moto.url, bucket)
     assert stored["output/a.txt"] == b"second, longer\n"
     assert stored["output/sub/b.bin"] == (out / "sub" / "b.bin").read_bytes()
