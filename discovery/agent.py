@@ -157,6 +157,7 @@ class Agent:
         self.reporter: Reporter | None = None
         self.outputs: OutputUploader | None = None
         self._relays: list[threading.Thread] = []
+        """Threads that follow the child (its output, its exit) into the report."""
         self.job_done: dict[str, object] | None = None
         """The job-done key's value once seen or put (on_chief_exit: down)."""
 
@@ -232,13 +233,14 @@ class Agent:
             log.warning("report_post has no form fields for %s or %s", member.label, member.role)
         reporter.identity(identity.instance_id, identity.ip, member.name(self.config.zone))
         reporter.state("IDENTIFY", f"{identity.instance_id} at {identity.ip}")
-        reporter.start()
+        # The writer starts once the claim is not refused (see _claim).
 
     def _finish(self, result: AgentResult) -> None:
         """The end: the child's last lines, the last report, and, when the job
         is done under on_chief_exit down, the instance's shutdown."""
         for relay in self._relays:
             relay.join(RELAY_JOIN)
+        self._enter("STOP")  # also after a failed claim, which ends before the barrier
         power_off = (
             self.config.on_chief_exit == "down"
             and self.job_done is not None
@@ -280,12 +282,17 @@ class Agent:
             raise AgentExit(EXIT_CONFIG, str(exc)) from None
 
     def _claim(self, identity: Identity) -> None:
+        """Claim the name. Reports start once the claim succeeds or etcd does
+        not answer; an agent whose name another live instance holds writes
+        none: its report would overwrite the holder's (one key per name)."""
+
         def attempt() -> bool | None:
             try:
                 self.registry.claim(identity)
                 return True
             except EtcdUnavailable as exc:
                 log.warning("%s; retrying", exc)
+                self._start_writing()
                 return None
 
         try:
@@ -293,7 +300,13 @@ class Agent:
         except NameTaken as exc:
             raise AgentExit(EXIT_NAME_TAKEN, str(exc)) from None
         except (WaitTimeout, RegistryError) as exc:
+            self._start_writing()
             raise AgentExit(EXIT_ETCD, str(exc)) from None
+        self._start_writing()
+
+    def _start_writing(self) -> None:
+        if self.reporter is not None:
+            self.reporter.start()
 
     def _prepare_outputs(self, identity: Identity) -> None:
         """The chief's output directory exists before anything is claimed; with
@@ -314,7 +327,10 @@ class Agent:
                         identity.member.label)  # fmt: skip
         if post is not None and fields is not None:
             self.outputs = OutputUploader(
-                PostTarget(post.url, fields), directory, self.config.output_interval
+                PostTarget(post.url, fields),
+                directory,
+                self.config.output_interval,
+                progress=self.reporter.outputs if self.reporter is not None else None,
             )
 
     def _barrier(self, identity: Identity) -> dict[records.Member, Endpoint]:
@@ -429,7 +445,7 @@ class Agent:
             except OSError as exc:  # it died while importing; its status tells why
                 log.error("TensorFlow process gone before its start: %s", exc)
             log.info("told the TensorFlow process (pid %d) to start", child.pid)
-            threading.Thread(target=self._watch_child, args=(child, False), daemon=True).start()
+            self._start_watching(child, program=False)
             self._report_listening(identity)
         elif self.start_server:
             argv = [sys.executable, "-m", "tfcluster.discovery.tfserver"]
@@ -443,7 +459,7 @@ class Agent:
                 env[OUTPUT_ENV] = str(self.config.output_dir)
             child = self.child = self._spawn(argv, env)
             log.info("started %s (pid %d)", " ".join(argv), child.pid)
-            threading.Thread(target=self._watch_child, args=(child, chief), daemon=True).start()
+            self._start_watching(child, program=chief)
             if chief:
                 if self.reporter is not None:
                     self.reporter.tensorflow(program=True, running=True, pid=child.pid)
@@ -561,6 +577,13 @@ class Agent:
                     self.reporter.tensorflow(program=False, running=True, pid=child.pid)
 
         threading.Thread(target=report, name="listening", daemon=True).start()
+
+    def _start_watching(self, child: subprocess.Popen[bytes], *, program: bool) -> None:
+        watcher = threading.Thread(
+            target=self._watch_child, args=(child, program), name="child", daemon=True
+        )
+        watcher.start()
+        self._relays.append(watcher)  # joined at the end, like the output relays
 
     def _watch_child(self, child: subprocess.Popen[bytes], program: bool) -> None:
         child.wait()

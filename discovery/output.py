@@ -121,8 +121,10 @@ class OutputUploader:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         wall: Callable[[], float] = time.time,
+        progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.target = target
+        self._progress = progress
         self.directory = Path(directory)
         self.interval = interval
         self.timeout = timeout
@@ -194,7 +196,22 @@ class OutputUploader:
                 result.uploaded.append(relative)
         if result.uploaded:
             log.info("outputs: uploaded %d file(s) to %s", len(result.uploaded), OUTPUT_PREFIX)
+        self._tell(complete=False, error=result.failed[0][1] if result.failed else None)
         return result
+
+    def _tell(self, *, complete: bool, error: str | None) -> None:
+        """Pass the upload's progress on (the agent's report)."""
+        if self._progress is not None:
+            self._progress(self.progress(complete=complete, error=error))
+
+    def progress(self, *, complete: bool = False, error: str | None = None) -> dict[str, Any]:
+        """Files and bytes uploaded so far, whether the final upload is complete, the last error."""
+        return {
+            "files": len(self.done),
+            "bytes": sum(up.size for up in self.done.values()),
+            "complete": complete,
+            "error": error,
+        }
 
     def _refused(self, relative: str, size: int) -> str | None:
         """Why S3 would refuse this file under the policy (None: it would take it)."""
@@ -233,6 +250,7 @@ class OutputUploader:
                     result.failed.append((MARKER_NAME, str(exc)))
                 else:
                     log.info("outputs: final upload complete (%d files)", len(self.done))
+                    self._tell(complete=True, error=None)
                     return True
             if stopped:
                 log.warning("outputs: final upload interrupted by shutdown")

@@ -69,6 +69,8 @@ class Registry:
         self.record_ttl = record_ttl
         self.lease: Any = None
         self.identity: Identity | None = None
+        self.claim_revision = 0
+        """The etcd revision at which this member's name was first claimed."""
 
     def keys(self, identity: Identity) -> tuple[str, str]:
         member = identity.member
@@ -100,6 +102,7 @@ class Registry:
             if won:
                 self.lease, self.identity = lease, identity
                 log.info("claimed %s (lease %x)", identity.member.name(self.zone), lease.id)
+                self._note_claim_revision(record_key)
                 return
             self._revoke(lease)
             held = [kv for response in responses for kv in response]
@@ -128,6 +131,18 @@ class Registry:
         if lease is not None:
             self._revoke(lease)
 
+    def _note_claim_revision(self, record_key: str) -> None:
+        """Remember the etcd revision of the claim (one read): a job-done key
+        older than that belongs to an earlier job of the same cluster name."""
+        try:
+            with _etcd("read the claim's revision"):
+                _value, meta = self.client.get(record_key)
+        except RegistryError as exc:
+            log.warning("%s; an earlier job's job-done key could not be told apart", exc)
+            return
+        if meta is not None and not self.claim_revision:  # the first claim: the job's start
+            self.claim_revision = int(meta.create_revision)
+
     def mark_job_done(self, value: dict[str, object]) -> None:
         """Put the cluster's job-done key (``value`` as JSON), under no lease:
         it must outlive the chief's own name, which leaves at once after."""
@@ -135,10 +150,19 @@ class Registry:
             self.client.put(records.job_done_key(self.path), json.dumps(value, sort_keys=True))
 
     def job_done(self) -> dict[str, object] | None:
-        """The job-done key's value, or None while the job runs."""
+        """The job-done key's value, or None while the job runs.
+
+        A key written before this member's claim is left alone: the chief
+        marks the job done after the barrier, so after every claim of its
+        job; an older key is an earlier job's under the same cluster name
+        (an etcd that ``down`` does not remove). A replacement instance
+        claiming after the job ended stays up (until max_lifetime).
+        """
         with _etcd("read the job-done key"):
-            value, _meta = self.client.get(records.job_done_key(self.path))
+            value, meta = self.client.get(records.job_done_key(self.path))
         if value is None:
+            return None
+        if meta is not None and int(meta.mod_revision) < self.claim_revision:
             return None
         try:
             found = json.loads(value)

@@ -12,10 +12,13 @@ What a report holds (``REPORT_VERSION`` 1): the agent's state, when it
 entered it and its recent state history; instance id, address and DNS name;
 barrier progress (members seen, expected, who is missing); the TensorFlow
 process (server up, or the program's exit code); the agent's exit; the last
-lines of its log (at most ``LOG_LINES`` lines and ``LOG_BYTES`` bytes).
+lines of its log (at most ``LOG_LINES`` lines and ``LOG_BYTES`` bytes); on
+the chief, its output upload (``outputs``: files and bytes uploaded, whether
+the final upload is complete, the last error).
 
 States are the agent's own names (discovery/agent.py: IDENTIFY, CLAIM,
-BARRIER, CONFIGURE, SERVE, STOP); a reporter starts in ``STARTING``. The
+BARRIER, CONFIGURE, SERVE, UPLOAD (the chief's final upload of its outputs),
+STOP); a reporter starts in ``STARTING``. The
 operator's ``status`` counts an agent as claimed once it has been in BARRIER,
 CONFIGURE or SERVE, and past its barrier once in CONFIGURE or SERVE.
 
@@ -243,6 +246,8 @@ def _send(target: PostTarget, data: Any, content_type: str, length: int, timeout
         exc.close()
         raise ReportWriteError(f"HTTP {exc.code} {detail}".strip()) from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, FileShrank):
+            raise ReportWriteError(str(exc.reason)) from None
         raise ReportWriteError(f"cannot reach {target.url}: {exc.reason}") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         # timeouts, resets, a garbled or cut-off answer, a bad URL, a file that shrank
@@ -259,6 +264,10 @@ def post_object(target: PostTarget, key: str, body: bytes, timeout: float) -> No
     _send(target, payload, content_type, len(payload), timeout)
 
 
+class FileShrank(OSError):
+    """The file held fewer bytes than its upload announced (it changed meanwhile)."""
+
+
 class _FileForm(io.RawIOBase):
     """The multipart body of a file upload, read in blocks: the envelope's head,
     exactly ``size`` bytes of the file (hashed on the way), the tail. A file
@@ -266,7 +275,7 @@ class _FileForm(io.RawIOBase):
 
     def __init__(self, head: bytes, handle: BinaryIO, size: int, tail: bytes) -> None:
         super().__init__()
-        self._parts = [head, b"", tail]
+        self._head, self._tail = head, tail
         self._handle, self._left = handle, size
         self.sha256 = hashlib.sha256()
 
@@ -275,17 +284,17 @@ class _FileForm(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         want = 64 * 1024 if size is None or size < 0 else size
-        if self._parts[0]:
-            chunk, self._parts[0] = self._parts[0][:want], self._parts[0][want:]
+        if self._head:
+            chunk, self._head = self._head[:want], self._head[want:]
             return chunk
         if self._left > 0:
             chunk = self._handle.read(min(want, self._left))
             if not chunk:
-                raise OSError(f"{self._left} bytes short: the file shrank while uploading")
+                raise FileShrank(f"{self._left} bytes short: the file shrank while uploading")
             self._left -= len(chunk)
             self.sha256.update(chunk)
             return chunk
-        chunk, self._parts[2] = self._parts[2][:want], self._parts[2][want:]
+        chunk, self._tail = self._tail[:want], self._tail[want:]
         return chunk
 
 
@@ -491,6 +500,7 @@ class Reporter:
             "barrier": None,
             "tensorflow": None,
             "exit": None,
+            "outputs": None,
         }
         self._barrier_source: BarrierSource | None = None
         self._seq = 0
@@ -575,6 +585,11 @@ class Reporter:
     def finished(self, code: int, message: str) -> None:
         """The agent's result (its exit code and one-line message). Written promptly."""
         self._set(urgent=True, exit={"code": code, "message": message})
+
+    def outputs(self, progress: Mapping[str, Any]) -> None:
+        """The chief's output upload (discovery/output.py ``OutputUploader.progress``);
+        written promptly once complete, else with the next write."""
+        self._set(urgent=bool(progress.get("complete")), outputs=dict(progress))
 
     def log_line(self, line: str) -> None:
         """A line for the log tail (e.g. the TensorFlow process's output)."""

@@ -34,7 +34,10 @@ from tfcluster.cloudinit.observe.policy import (
 )
 from tfcluster.discovery import records
 from tfcluster.discovery.etcdclient import child_environment
+from tfcluster.discovery.identity import Identity
 from tfcluster.discovery.output import MARKER_KEY
+from tfcluster.discovery.records import Member
+from tfcluster.discovery.registry import Registry
 from tfcluster.discovery.report import report_key
 from tfcluster.discovery.waiting import wait_for
 
@@ -177,6 +180,7 @@ def test_reports_follow_the_agents_states(stack, clean_cluster, agents, moto, bu
     assert states(doc) == ["STARTING", "IDENTIFY", "CLAIM", "BARRIER"]
     assert doc["address"] == "127.0.40.1" and doc["dns_name"] == "worker0.tensorflow.local"
     assert doc["instance_id"] == instance_id_of("worker", 0, "127.0.40.1") and doc["exit"] is None
+    assert doc["outputs"] is None  # a worker uploads no outputs
     assert any("claimed worker0.tensorflow.local" in line for line in doc["log"])
 
     second = launch(agents, tmp_path, stack, "worker", 1, "127.0.40.2", roles, raw=keys)
@@ -199,6 +203,28 @@ def test_reports_follow_the_agents_states(stack, clean_cluster, agents, moto, bu
                                "STOP"]  # fmt: skip
     assert_within_policies(moto.url, bucket, keys)
     assert sorted(objects(moto.url, bucket)) == [report_key("worker0"), report_key("worker1")]
+
+
+def test_a_second_claimant_does_not_overwrite_the_holders_report(
+    stack, clean_cluster, agents, moto, bucket, tmp_path
+):
+    """One report key per name: an instance refused the name writes none.
+    (No heartbeats here: any POST after the holder's SERVE is the second's.)"""
+    roles = {"worker": 1}
+    keys = bucket_keys(moto.url, bucket, roles, report_heartbeat=3600)
+    holder = launch(agents, tmp_path, stack, "worker", 0, "127.0.40.7", roles, raw=keys)
+    wait_report(moto.url, bucket, "worker0", "SERVE", lambda d: d["state"] == "SERVE")
+    posts = moto.calls["PostObject"]
+    second = launch(agents, tmp_path, stack, "worker", 0, "127.0.40.8", roles, raw=keys)
+    assert second.wait_exit(30) == 4
+    assert "is held by instance" in second.log() and "Traceback" not in second.log()
+    assert moto.calls["PostObject"] == posts
+    doc = stored(moto.url, bucket, "worker0")
+    assert doc is not None and doc["address"] == "127.0.40.7" and doc["exit"] is None
+    holder.signal(signal.SIGTERM)
+    assert holder.wait_exit(20) == 0
+    final = stored(moto.url, bucket, "worker0")
+    assert final is not None and final["address"] == "127.0.40.7" and final["state"] == "STOP"
 
 
 def test_without_report_post_nothing_is_written(
@@ -389,6 +415,9 @@ def test_outputs_upload_while_running_and_at_exit_then_every_agent_shuts_down(
     assert chief_doc is not None and states(chief_doc)[-3:] == ["SERVE", "UPLOAD", "STOP"]
     assert chief_doc["exit"] == {"code": 0, "message": "chief0 finished"}
     assert chief_doc["tensorflow"]["exit_code"] == 0
+    assert chief_doc["outputs"] == {
+        "files": 2, "bytes": marker["bytes"], "complete": True, "error": None,
+    }  # fmt: skip
     assert "program: done" in chief_doc["log"]  # the program's output, relayed
     assert "program: done" in chief.log()  # and still on the agent's own stdout
     worker_doc = stored(moto.url, bucket, "worker0")
@@ -396,6 +425,23 @@ def test_outputs_upload_while_running_and_at_exit_then_every_agent_shuts_down(
     assert worker_doc["exit"] == {"code": 0, "message": "worker0 stopped: the job is done"}
     assert worker_doc["detail"] == "the job is done: shutting the instance down"
     assert_within_policies(moto.url, bucket, keys)
+
+
+def test_a_job_done_key_older_than_the_claim_is_an_earlier_jobs(stack, etcd, clean_cluster):
+    """An etcd that outlives a cluster (``down`` removes no etcd it did not
+    create) may still hold an earlier job's key under the same cluster name."""
+    key = records.job_done_key(records.cluster_path(stack.cluster))
+    etcd.put(key, json.dumps({"by": "chief0", "exit_code": 0}))
+    registry = Registry(etcd, stack.cluster, stack.zone, lease_ttl=4, record_ttl=1)
+    member = Member("worker", 0)
+    registry.claim(Identity(member, "127.0.43.20", 2222, instance_id_of("worker", 0, "x")))
+    try:
+        assert registry.claim_revision > 0
+        assert registry.job_done() is None  # the earlier job's
+        etcd.put(key, json.dumps({"by": "chief0", "exit_code": 3}))
+        assert registry.job_done() == {"by": "chief0", "exit_code": 3}  # this job's
+    finally:
+        registry.release()
 
 
 def test_a_failing_shutdown_command_is_logged_and_reported(

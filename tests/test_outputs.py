@@ -32,7 +32,7 @@ from tfcluster.discovery import output
 from tfcluster.discovery.agent_config import ConfigError, dump_agent_config, parse_agent_config
 from tfcluster.discovery.output import MARKER_KEY, OutputUploader
 from tfcluster.discovery.records import Member
-from tfcluster.discovery.report import PostTarget
+from tfcluster.discovery.report import PostTarget, ReportWriteError, post_file
 from tfcluster.discovery.waiting import wait_for
 
 
@@ -124,9 +124,11 @@ def test_changed_files_only_then_a_marker_that_lists_them(moto, bucket, tmp_path
     (out / "a.txt").write_text("first\n")
     (out / "sub" / "b.bin").write_bytes(os.urandom(3000))
     (out / "empty").write_bytes(b"")
-    uploader = OutputUploader(target, out, interval=3600)
+    told: list[dict[str, Any]] = []
+    uploader = OutputUploader(target, out, interval=3600, progress=told.append)
 
     assert sorted(uploader.sync().uploaded) == ["a.txt", "empty", "sub/b.bin"]
+    assert told[-1] == {"files": 3, "bytes": 3006, "complete": False, "error": None}
     assert moto.calls["PostObject"] == 3
     assert uploader.sync().uploaded == [] and moto.calls["PostObject"] == 3  # nothing changed
     (out / "a.txt").write_text("second, longer\n")
@@ -134,6 +136,7 @@ def test_changed_files_only_then_a_marker_that_lists_them(moto, bucket, tmp_path
 
     (out / "empty").unlink()  # gone before the end: uploaded once, not listed
     assert uploader.finish(0, timeout=30) is True
+    assert told[-1]["complete"] is True and told[-1]["error"] is None
     stored = objects(moto.url, bucket)
     assert stored["output/a.txt"] == b"second, longer\n"
     assert stored["output/sub/b.bin"] == (out / "sub" / "b.bin").read_bytes()
@@ -159,6 +162,18 @@ def test_a_large_file_is_streamed_whole(moto, bucket, tmp_path):
     assert uploader.sync().uploaded == ["model.bin"]
     assert uploader.done["model.bin"].sha256 == sha256(data)
     assert objects(moto.url, bucket)["output/model.bin"] == data
+
+
+def test_a_file_that_shrinks_during_its_upload_fails_that_upload_only(moto, bucket, tmp_path):
+    """The size is taken before the upload; fewer bytes on reading (the file was
+    rewritten meanwhile) fail the upload at once instead of leaving S3 waiting."""
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"x" * 100)
+    target = output_target(moto.url, bucket)
+    with pytest.raises(ReportWriteError, match=r"^100 bytes short: the file shrank"):
+        post_file(target, "output/ckpt", path, 200, timeout=10)
+    assert post_file(target, "output/ckpt", path, 100, timeout=10) == sha256(b"x" * 100)
+    assert objects(moto.url, bucket) == {"output/ckpt": b"x" * 100}
 
 
 def test_a_file_larger_than_the_policy_allows_is_named_not_sent(moto, bucket, tmp_path):
