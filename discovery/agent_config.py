@@ -307,7 +307,7 @@ class AgentConfig:
     """The presigned POST for the chief's outputs (``output/``); None: nothing is uploaded."""
     output_dir: Path = field(default=Path("/var/lib/tfcluster/output"), metadata=_key(_path, str))
     """The chief's program gets this directory as TFCLUSTER_OUTPUT_DIR."""
-    output_interval: int = field(default=300, metadata=_key(_int_in(1, 30 * 86400), quiet=True))
+    output_interval: int = field(default=900, metadata=_key(_int_in(1, 30 * 86400), quiet=True))
     """Seconds between uploads of changed outputs while the chief's program runs."""
     on_chief_exit: str = field(default="keep", metadata=_key(_chief_exit, quiet=True))
     """``down``: once the chief's program has exited and its outputs are
