@@ -29,6 +29,7 @@ from tfcluster.discovery.records import ROLES, Member, parse_label
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ADDRESS_MODES = ("names", "ips")
+CHIEF_EXIT_MODES = ("keep", "down")
 
 Reader = Callable[[str, Any, Mapping[str, Any]], Any]
 """(key, JSON value, the fields read so far) -> the field's value, or ConfigError."""
@@ -148,13 +149,10 @@ def _address_mode(key: str, value: Any, _: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def _choice(*choices: str) -> Reader:
-    def read(key: str, value: Any, _: Mapping[str, Any]) -> str:
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    return read
+def _chief_exit(key: str, value: Any, _: Mapping[str, Any]) -> str:
+    if value not in CHIEF_EXIT_MODES:
+        raise ConfigError(f"{key}: must be 'keep' or 'down', got {value!r}")
+    return str(value)
 
 
 def _argv(key: str, value: Any, _: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -279,12 +277,12 @@ class AgentConfig:
     output_post: ReportPost | None = field(
         default=None, metadata=_key(_report_post, _write_report_post, quiet=True)
     )
-    """The chief's presigned POST for its outputs (``output/``); None: no upload."""
-    output_interval: int = field(default=900, metadata=_key(_int_in(60, 30 * 86400), quiet=True))
-    """Seconds between uploads of the output folder while the program runs."""
-    on_chief_exit: str = field(default="keep", metadata=_key(_choice("keep", "down"), quiet=True))
-    """``down``: every instance shuts down once the chief's program exited and its
-    outputs are uploaded."""
+    """The presigned POST for the chief's outputs (``output/``); None: nothing is uploaded."""
+    output_interval: int = field(default=300, metadata=_key(_int_in(1, 86400), quiet=True))
+    """Seconds between uploads of changed outputs while the chief's program runs."""
+    on_chief_exit: str = field(default="keep", metadata=_key(_chief_exit, quiet=True))
+    """``down``: once the chief's program has exited and its outputs are
+    uploaded, every agent shuts its instance down; ``keep``: they stay."""
 
     def count(self, role: str) -> int:
         return dict(self.roles).get(role, 0)
