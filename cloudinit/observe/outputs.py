@@ -36,7 +36,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -87,7 +87,6 @@ class FetchResult:
     """Files the marker says the chief could not upload (too large, a bad name)."""
     leftovers: int = 0
     """Objects under ``output/`` the marker does not list, left in the bucket."""
-    marker: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 def output_post_config(
@@ -218,7 +217,6 @@ def fetch(
         missing=missing,
         skipped=skipped,
         leftovers=len(objects) - len(wanted),
-        marker=marker,
     )
 
 
