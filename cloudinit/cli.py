@@ -99,9 +99,8 @@ _local_option = click.option(
 @click.option(
     "--timeout",
     type=click.FloatRange(min=1),
-    default=wait.READY_TIMEOUT,
-    show_default=True,
-    help="Seconds to wait for every agent to serve (boot, install, names, barrier, TF).",
+    help=f"Seconds to wait for every agent to serve (boot, install, names, barrier, TF); "
+    f"default {wait.READY_TIMEOUT:g}.",
 )
 def up(
     config_path: Path | None,
@@ -118,7 +117,7 @@ def up(
     steps: int | None,
     loopback: bool,
     no_wait: bool,
-    timeout: float,
+    timeout: float | None,
 ) -> None:
     """Launch the cluster, or the part of it that is missing, and wait until it serves.
 
@@ -141,6 +140,8 @@ def up(
         raise click.UsageError("--steps applies to --local only (set 'program' in the config)")
     if loopback and not local:
         raise click.UsageError("--loopback applies to --local only")
+    if local and (no_wait or timeout is not None):
+        raise click.UsageError("--no-wait and --timeout apply to EC2 clusters only")
     with one_line_errors(), sigterm_interrupts():
         overrides = parse_overrides(settings)
         named = {
@@ -166,7 +167,9 @@ def up(
     print_nodes(result, config.zone)
     if not dry_run and not no_wait:
         expected = view.expected_names(config.counts)
-        cli_cluster.wait_until_ready(provider, config.cluster, expected, timeout)
+        cli_cluster.wait_until_ready(
+            provider, config.cluster, expected, wait.READY_TIMEOUT if timeout is None else timeout
+        )
 
 
 @click.command()

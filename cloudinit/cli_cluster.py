@@ -309,12 +309,20 @@ def fetch(
             click.echo(f"Error: {exc}", err=True)
             raise SystemExit(terminal.EXIT_PROVIDER) from None
     summary = f"fetched {len(result.files)} file(s), {result.bytes} bytes, into {dest}"
+    if result.leftovers:
+        click.echo(
+            f"left {result.leftovers} object(s) in the bucket that the completion marker does "
+            "not list (files the program deleted after an upload)",
+            err=True,
+        )
     if result.complete:
         click.echo(f"{summary}; complete ({result.verified} checked against the marker's SHA-256)")
-    elif result.missing:
+    elif result.missing or result.skipped:
+        gone = [*result.missing, *result.skipped]
         click.echo(
-            f"{summary}; partial: the completion marker names {len(result.missing)} file(s) "
-            f"not in the bucket ({', '.join(result.missing[:5])})"
+            f"{summary}; partial: {len(result.missing)} file(s) the completion marker lists are "
+            f"not in the bucket and {len(result.skipped)} could not be uploaded "
+            f"({', '.join(gone[:5])})"
         )
     else:
         click.echo(

@@ -57,7 +57,7 @@ The file (every key optional except ``cluster``)::
                                      #   are uploaded, every instance shuts down (the bucket stays
                                      #   for `tfcluster fetch`); needs program
     output_interval: 15m             # the chief uploads its output folder this often while its
-                                     #   program runs (10m..30d), and once more when it exits
+                                     #   program runs (10m..1d), and once more when it exits
     max_lifetime: null               # e.g. 12h, 90m, 2d, 1d12h (10m..30d): every instance shuts
                                      #   itself down (and so terminates) after that long
     layout: {}                       # where things go on an instance: fields of

@@ -53,6 +53,14 @@ def _one_line(what: str) -> PlainValidator:
     return PlainValidator(lambda value: one_line(value, what))
 
 
+def _upload_interval(value: Any) -> int:
+    """A `checks.duration` of at most a day (the agent uploads at least daily)."""
+    seconds = checks.duration(value)
+    if seconds > 86400:
+        raise ValueError(f"must be at most 1d, got {value!r}")
+    return seconds
+
+
 _label = checks.cluster_name
 _instance_type = matching(r"[a-z][a-z0-9-]*\.[a-z0-9]+", "be an EC2 instance type such as m5.large")
 Label = Annotated[str, PlainValidator(_label)]
@@ -140,7 +148,7 @@ class ConfigFile(BaseModel):
     url_expiry: Annotated[int, PlainValidator(checks.url_expiry)] = 6 * 3600
     download_binaries: Boolean = False
     on_chief_exit: Annotated[str, PlainValidator(checks.one_of("keep", "down"))] = "keep"
-    output_interval: Annotated[int, PlainValidator(checks.duration)] = 15 * 60
+    output_interval: Annotated[int, PlainValidator(_upload_interval)] = 15 * 60
     layout: LayoutFields = LayoutFields()  # type: ignore[valid-type]  # a model made at import
 
     @after_fields(mode="after")

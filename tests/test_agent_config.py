@@ -96,7 +96,10 @@ def test_the_agent_parses_what_the_renderer_writes(tmp_path, variant, role, inde
         check_system_resolver=layout.check_system_resolver,
         tf_config_addresses=layout.tf_config_addresses,
         program=config.program if role == "chief" else None,
+        output_interval=config.output_interval,  # the operator's 15m, passed through
+        on_chief_exit=config.on_chief_exit,
     )
+    assert parsed.output_interval == 900
     assert dump_agent_config(parsed) == written
     assert written == agent_config(config, role, index, endpoints, layout)
     if variant == "program":

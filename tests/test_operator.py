@@ -408,9 +408,12 @@ def bucket_of(server: ControlledMoto, cluster: str = "demo") -> str:
 # -- outputs: fetch, down's guard, keep-output, purge ------------------------------------------
 
 
-def upload_outputs(server: ControlledMoto, files: dict[str, bytes], marker: bool = True) -> None:
+def upload_outputs(
+    server: ControlledMoto, files: dict[str, bytes], marker: bool = True, **extra: Any
+) -> None:
     """What the chief's agent does: POST each file under output/ with the policy `up`
-    signed for it, then the completion marker with every file's SHA-256."""
+    signed for it, then the completion marker listing every file with its SHA-256
+    (the marker's format: discovery/output.py)."""
     (chief,) = [i for label, i in instances(server).items() if label == "chief0"]
     config = agent_config_of(server, chief["InstanceId"])
     assert config.output_post is not None
@@ -419,10 +422,13 @@ def upload_outputs(server: ControlledMoto, files: dict[str, bytes], marker: bool
     for relpath, body in files.items():
         post_object(target, f"output/{relpath}", body, timeout=10)
     if marker:
-        sums = {
-            p: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for p, b in files.items()
-        }
-        document = json.dumps({"exit_code": 0, "files": sums}).encode()
+        listed = [
+            {"path": p, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+            for p, b in sorted(files.items())
+        ]
+        document = json.dumps(
+            {"version": 1, "complete": True, "exit_code": 0, "files": listed, **extra}
+        ).encode()
         post_object(target, outputs.COMPLETE_MARKER, document, timeout=10)
 
 
@@ -432,12 +438,14 @@ def test_fetch_brings_the_outputs_back_and_down_guards_keeps_and_purges(server, 
     assert code == 0, err
     bucket = bucket_of(server)
     files = {"metrics.json": b'{"loss": 0.12}\n', "ckpt/ckpt-1.index": os.urandom(4096)}
+    # A checkpoint uploaded while the program ran, deleted by it later: not in the marker.
+    upload_outputs(server, {"ckpt/ckpt-0.index": b"old"}, marker=False)
     upload_outputs(server, files)
     args = ("--cluster", "demo", "--endpoint-url", server.url)
 
     refused = tfcluster(env, "down", *args)
     assert refused[0] == 1 and errors(refused[2]) == [
-        f"Error: bucket {bucket} holds 2 output file(s) not fetched: run 'tfcluster fetch "
+        f"Error: bucket {bucket} holds 3 output file(s) not fetched: run 'tfcluster fetch "
         "--cluster demo --to DIR' first, or down --keep-output to keep only the bucket, "
         "or --yes to delete them"
     ]
@@ -448,6 +456,8 @@ def test_fetch_brings_the_outputs_back_and_down_guards_keeps_and_purges(server, 
     for relpath, body in files.items():
         assert (tmp_path / "out" / relpath).read_bytes() == body
     assert not (tmp_path / "out" / ".tfcluster-complete").exists()
+    assert not (tmp_path / "out" / "ckpt" / "ckpt-0.index").exists()
+    assert "left 1 object(s) in the bucket that the completion marker does not list" in err
     assert out.splitlines()[-1].endswith("complete (2 checked against the marker's SHA-256)")
 
     # A newer checkpoint after the fetch is unfetched again (the record holds ETags).
@@ -480,6 +490,14 @@ def test_fetch_refuses_a_file_whose_checksum_differs_and_says_when_partial(serve
     upload_outputs(server, {"model.bin": b"x" * 100}, marker=False)
     code, out, err = tfcluster(env, "fetch", *args, "--to", str(tmp_path / "partial"))
     assert code == 0 and "partial: no completion marker yet" in out
+    skipped = [{"path": "huge.bin", "size": 6 * 1024**3, "reason": "larger than the policy"}]
+    upload_outputs(server, {"model.bin": b"w" * 100}, skipped=skipped)
+    code, out, err = tfcluster(env, "fetch", *args, "--to", str(tmp_path / "skipped"))
+    assert code == 0, err
+    assert out.splitlines()[-1].endswith(
+        "partial: 0 file(s) the completion marker lists are not in the bucket and 1 could not "
+        "be uploaded (huge.bin)"
+    )
     upload_outputs(server, {"model.bin": b"y" * 100})  # marker for y...
     upload_outputs(server, {"model.bin": b"z" * 100}, marker=False)  # ...but z lands after
     code, out, err = tfcluster(env, "fetch", *args, "--to", str(tmp_path / "bad"))
@@ -540,6 +558,7 @@ def test_ssh_builds_the_command_line_or_says_what_is_missing(
         ("ssh", "chief", "x", "--cluster", "demo"),
         ("up", "--config", "c.yaml", "--timeout", "0"),
         ("status", "--cluster", "demo", "--local", "--json"),
+        ("up", "--local", "--no-wait"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(env, args):
@@ -552,6 +571,7 @@ def test_bad_config_values_are_one_line(env, tmp_path, server):
     for key, value, message in (
         ("on_chief_exit", "stop", "on_chief_exit: must be one of keep, down, got 'stop'"),
         ("output_interval", "1m", "output_interval: must be between 10m and 30d, got '1m'"),
+        ("output_interval", "2d", "output_interval: must be at most 1d, got '2d'"),
     ):
         config = str(write_config(tmp_path))
         setting = f"{key}={value}"

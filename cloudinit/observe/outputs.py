@@ -4,12 +4,15 @@
 The chief's agent uploads its program's output directory to
 ``output/<relpath>`` with a presigned POST for that prefix (signed here by
 ``up``, `output_post_config`) and, once its program has exited and every
-file is up, writes the completion marker ``output/.tfcluster-complete``, a
-JSON object. When the marker lists files (``"files": {relpath: {"sha256":
-hex, ...}}``, or ``{relpath: hex}``) `fetch` checks each fetched file's
-SHA-256 against it; a file the marker names that is not in the bucket makes
-the fetch partial, as does a missing marker (the program still runs, or
-died before its last upload).
+file is up, writes the completion marker ``output/.tfcluster-complete``
+(discovery/output.py): ``{"files": [{"path", "size", "sha256"}, ...],
+"skipped": [{"path", "size", "reason"}, ...], ...}``, the output folder as it
+was at the end. With the marker, `fetch` downloads exactly the files it
+lists and checks each one's SHA-256; objects it does not list are files the
+program deleted after an upload (superseded checkpoints: a POST cannot
+delete) and stay in the bucket. A listed file missing from the bucket, a
+skipped file (too large for the policy) or no marker at all (the program
+still runs, or died before its last upload) make the fetch partial.
 
 "Fetched" must hold across machines (the operator who runs ``down`` may not
 be the one who fetched), so it is an object of the bucket itself,
@@ -33,7 +36,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -80,7 +83,10 @@ class FetchResult:
     """Files whose SHA-256 matched the marker."""
     missing: tuple[str, ...] = ()
     """Files the marker names that the bucket does not hold."""
-    marker: Mapping[str, Any] | None = field(default=None, compare=False)
+    skipped: tuple[str, ...] = ()
+    """Files the marker says the chief could not upload (too large, a bad name)."""
+    leftovers: int = 0
+    """Objects under ``output/`` the marker does not list, left in the bucket."""
 
 
 def output_post_config(
@@ -125,17 +131,27 @@ def read_marker(s3: Any, bucket: str) -> Mapping[str, Any] | None:
     return doc
 
 
-def marker_checksums(marker: Mapping[str, Any]) -> dict[str, str]:
-    """relpath -> SHA-256 hex from the marker's ``files`` (entries without one are skipped)."""
-    files = marker.get("files")
-    if not isinstance(files, dict):
-        return {}
-    sums = {}
-    for relpath, entry in files.items():
-        digest = entry.get("sha256") if isinstance(entry, dict) else entry
-        if isinstance(digest, str) and len(digest) == 64:
-            sums[str(relpath)] = digest.lower()
-    return sums
+def _entries(marker: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    entries = marker.get(key)
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries
+    ):
+        raise OutputError(f"the completion marker's {key!r} is not a list of files with a path")
+    return entries
+
+
+def marker_files(marker: Mapping[str, Any]) -> dict[str, str | None]:
+    """relpath -> SHA-256 hex (None when the entry gives none) of the files the marker lists."""
+    listed: dict[str, str | None] = {}
+    for entry in _entries(marker, "files"):
+        digest = entry.get("sha256")
+        listed[entry["path"]] = digest.lower() if isinstance(digest, str) else None
+    return listed
+
+
+def marker_skipped(marker: Mapping[str, Any]) -> list[str]:
+    """The files the chief could not upload, as the marker lists them."""
+    return [entry["path"] for entry in _entries(marker, "skipped")] if "skipped" in marker else []
 
 
 def local_path(dest: Path, relpath: str) -> Path:
@@ -163,40 +179,44 @@ def _download(s3: Any, bucket: str, key: str, target: Path) -> str:
 def fetch(
     s3: Any, bucket: str, dest: Path, *, on_file: Callable[[str, int], None] | None = None
 ) -> FetchResult:
-    """Download every output into ``dest`` (created), check it against the
-    completion marker, and record the fetch in the bucket (`FETCHED_KEY`).
+    """Download the outputs into ``dest`` (created): with a completion marker the
+    files it lists, each checked against its SHA-256; without one, every object
+    under ``output/``. Then record the fetch in the bucket (`FETCHED_KEY`).
 
     A file whose SHA-256 differs from the marker's is removed again and
     `OutputError` names it; nothing is recorded as fetched then.
     """
     objects = [o for o in list_outputs(s3, bucket) if o.key != COMPLETE_MARKER]
     marker = read_marker(s3, bucket)
-    sums = marker_checksums(marker) if marker is not None else {}
-    targets = [(o, local_path(dest, o.relpath)) for o in objects]  # every key checked first
+    listed = marker_files(marker) if marker is not None else None
+    wanted = objects if listed is None else [o for o in objects if o.relpath in listed]
+    targets = [(o, local_path(dest, o.relpath)) for o in wanted]  # every key checked first
     dest.mkdir(parents=True, exist_ok=True)
     verified = 0
     for obj, target in targets:
         digest = _download(s3, bucket, obj.key, target)
-        wanted = sums.get(obj.relpath)
-        if wanted is not None:
-            if digest != wanted:
+        expected = (listed or {}).get(obj.relpath)
+        if expected is not None:
+            if digest != expected:
                 target.unlink()
                 raise OutputError(
-                    f"{obj.key}: SHA-256 {digest} does not match the completion marker's {wanted}"
+                    f"{obj.key}: SHA-256 {digest} does not match the completion marker's {expected}"
                 )
             verified += 1
         if on_file is not None:
             on_file(obj.relpath, obj.size)
-    fetched = {o.relpath for o in objects}
-    missing = tuple(sorted(set(sums) - fetched))
+    fetched = {o.relpath for o in wanted}
+    missing = tuple(sorted(set(listed or ()) - fetched))
+    skipped = tuple(marker_skipped(marker)) if marker is not None else ()
     record_fetched(s3, bucket, objects)
     return FetchResult(
         files=tuple(sorted(fetched)),
-        bytes=sum(o.size for o in objects),
-        complete=marker is not None and not missing,
+        bytes=sum(o.size for o in wanted),
+        complete=marker is not None and not missing and not skipped,
         verified=verified,
         missing=missing,
-        marker=marker,
+        skipped=skipped,
+        leftovers=len(objects) - len(wanted),
     )
 
 
