@@ -40,7 +40,7 @@ from tfcluster.cloudinit.cloud.provider import (
     no_progress,
 )
 from tfcluster.cloudinit.config import Artifact, ClusterConfig
-from tfcluster.cloudinit.observe import outputs, policy
+from tfcluster.cloudinit.observe import policy
 from tfcluster.cloudinit.plan import (
     Confirm,
     Launch,
@@ -351,7 +351,7 @@ def agent_posts(
     name = role if index is None else f"{role}{index}"
     value = {"report_post": policy.report_post_config(s3, bucket, [name], expires_in=expires_in)}
     if role == "chief":
-        value["output_post"] = outputs.output_post_config(s3, bucket, expires_in=expires_in)
+        value["output_post"] = policy.output_post_config(s3, bucket, expires_in=expires_in)
     return value
 
 

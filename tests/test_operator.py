@@ -214,7 +214,7 @@ def test_up_signs_the_posts_into_each_launch_and_waits_until_every_agent_serves(
             assert config.output_post is not None
             form = config.output_post.fields_for(Member("chief", 0)) or {}
             out = policy.policy_terms(form)
-            assert out.key_prefix == "output/" and out.size_range == outputs.OUTPUT_SIZE
+            assert out.key_prefix == "output/" and out.size_range == policy.OUTPUT_SIZE
             assert abs((out.expiration - signed_at(form)).total_seconds() - 2 * 3600) <= 1
         else:
             assert config.output_post is None

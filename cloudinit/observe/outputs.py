@@ -3,7 +3,7 @@
 
 The chief's agent uploads its program's output directory to
 ``output/<relpath>`` with a presigned POST for that prefix (signed here by
-``up``, `output_post_config`) and, once its program has exited and every
+``up``, `policy.output_post_config`) and, once its program has exited and every
 file is up, writes the completion marker ``output/.tfcluster-complete``
 (discovery/output.py): ``{"files": [{"path", "size", "sha256"}, ...],
 "skipped": [{"path", "size", "reason"}, ...], ...}``, the output folder as it
@@ -43,14 +43,11 @@ from typing import Any
 
 import botocore.exceptions
 
-from tfcluster.cloudinit.observe.policy import SIGV4_MAX_EXPIRY, sign_post
+from tfcluster.discovery.output import MARKER_KEY as COMPLETE_MARKER
+from tfcluster.discovery.output import OUTPUT_PREFIX
 
-OUTPUT_PREFIX = "output/"
-COMPLETE_MARKER = OUTPUT_PREFIX + ".tfcluster-complete"
 FETCHED_KEY = "tfcluster/fetched.json"
 TAG_KEPT = "tfcluster:kept"
-OUTPUT_SIZE = (0, 5 * 1024**3)
-"""content-length-range of an output file: up to S3's 5 GiB for one POST."""
 _CHUNK = 1024 * 1024
 
 
@@ -87,15 +84,6 @@ class FetchResult:
     """Files the marker says the chief could not upload (too large, a bad name)."""
     leftovers: int = 0
     """Objects under ``output/`` the marker does not list, left in the bucket."""
-
-
-def output_post_config(
-    s3: Any, bucket: str, *, expires_in: int = SIGV4_MAX_EXPIRY
-) -> dict[str, Any]:
-    """The chief's agent config value ``output_post``: one POST for ``output/``,
-    in the shape of ``report_post`` (``{"url", "fields": {"chief": form}}``)."""
-    signed = sign_post(s3, bucket, OUTPUT_PREFIX, size=OUTPUT_SIZE, expires_in=expires_in)
-    return {"url": signed.url, "fields": {"chief": signed.fields}}
 
 
 def list_outputs(s3: Any, bucket: str) -> list[OutputObject]:
