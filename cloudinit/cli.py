@@ -133,15 +133,13 @@ def up(
     its state and last log lines and exits 1, leaving the cluster up for
     `status`, `logs` and `down`.
 
-    With --local, moto plays EC2 and every instance runs its own user-data
-    on this machine; the command returns once every agent passed its barrier.
+    With --local, moto plays EC2 and S3 and every instance runs its own
+    user-data on this machine; the wait is the same.
     """
     if steps is not None and not local:
         raise click.UsageError("--steps applies to --local only (set 'program' in the config)")
     if loopback and not local:
         raise click.UsageError("--loopback applies to --local only")
-    if local and (no_wait or timeout is not None):
-        raise click.UsageError("--no-wait and --timeout apply to EC2 clusters only")
     with one_line_errors(), sigterm_interrupts():
         overrides = parse_overrides(settings)
         named = {
@@ -153,7 +151,9 @@ def up(
         }
         overrides.update({key: value for key, value in named.items() if value is not None})
         if local:
-            commands().up_local(config_path, overrides, endpoint_url, dry_run, steps, loopback)
+            commands().up_local(
+                config_path, overrides, endpoint_url, dry_run, steps, loopback, no_wait, timeout
+            )
             return
         config = load_config(config_path, overrides)
         provider = Ec2Provider(config.region, endpoint_url=endpoint_url)
@@ -291,9 +291,11 @@ def status(
     that report (STALE when older than 3 heartbeats) and its program's state."""
     cluster = local_cluster(cluster, local, endpoint_url)
     if local:
-        if as_json:
-            raise click.UsageError("--json applies to EC2 clusters only")
-        commands().status_local(cluster)
+        with one_line_errors():
+            provider = commands().local_cloud(cluster).provider()
+        cli_cluster.show_status(cluster, provider, as_json, None)
+        if not as_json:  # and what runs of it on this machine
+            commands().status_local(cluster)
         return
     dns_check = _record_check(cluster, etcd_endpoint) if etcd_endpoint is not None else None
     with one_line_errors():

@@ -73,11 +73,12 @@ def _s3(provider: NodeProvider) -> Any:
     return provider.s3
 
 
-def _hint(cluster: str) -> str:
+def _hint(cluster: str, local: bool = False) -> str:
+    which = f"--cluster {cluster}" + (" --local" if local else "")
     return (
-        f"the cluster is left running: look with 'tfcluster status --cluster {cluster}' "
-        f"and 'tfcluster logs ROLE INDEX --cluster {cluster}'; remove it with "
-        f"'tfcluster down --cluster {cluster}'"
+        f"the cluster is left running: look with 'tfcluster status {which}' "
+        f"and 'tfcluster logs ROLE INDEX {which}'; remove it with "
+        f"'tfcluster down {which}'"
     )
 
 
@@ -96,7 +97,12 @@ def _describe(row: StatusRow) -> str:
 
 
 def wait_until_ready(
-    provider: NodeProvider, cluster: str, expected: Sequence[str], timeout: float
+    provider: NodeProvider,
+    cluster: str,
+    expected: Sequence[str],
+    timeout: float,
+    *,
+    local: bool = False,
 ) -> None:
     """``up``'s wait: a live line until every agent serves, then the table.
 
@@ -107,7 +113,7 @@ def wait_until_ready(
     try:
         bucket = provider.find_bucket(cluster) if isinstance(provider, BucketStore) else None
     except ProviderError as exc:
-        click.echo(f"Error: {exc}; {_hint(cluster)}", err=True)
+        click.echo(f"Error: {exc}; {_hint(cluster, local)}", err=True)
         raise SystemExit(terminal.EXIT_PROVIDER) from None
     if bucket is None:
         click.echo(
@@ -124,9 +130,8 @@ def wait_until_ready(
     except wait.NotReady as exc:
         row = exc.row
         if row is None:
-            click.echo(
-                f"Error: cluster {cluster} not ready: {exc.reason}; {_hint(cluster)}", err=True
-            )
+            hint = _hint(cluster, local)
+            click.echo(f"Error: cluster {cluster} not ready: {exc.reason}; {hint}", err=True)
         else:
             snapshot = exc.snapshot
             instance = (snapshot.instance_of(row.name) if snapshot else None) or row.instance_id
@@ -142,13 +147,13 @@ def wait_until_ready(
             )
             for line in lines:
                 click.echo(f"  {line}", err=True)
-            click.echo(_hint(cluster), err=True)
+            click.echo(_hint(cluster, local), err=True)
         raise SystemExit(terminal.EXIT_PROVIDER) from None
     except ProviderError as exc:
-        click.echo(f"Error: {exc}; {_hint(cluster)}", err=True)
+        click.echo(f"Error: {exc}; {_hint(cluster, local)}", err=True)
         raise SystemExit(terminal.EXIT_PROVIDER) from None
     except KeyboardInterrupt:
-        click.echo(f"Error: interrupted while waiting; {_hint(cluster)}", err=True)
+        click.echo(f"Error: interrupted while waiting; {_hint(cluster, local)}", err=True)
         raise SystemExit(terminal.EXIT_INTERRUPTED) from None
     views = view.cluster_view(provider.nodes(cluster), done.rows)
     rows = [

@@ -258,6 +258,8 @@ class Agent:
         """Run ``shutdown_command -P now`` (EC2 terminates an instance launched
         with terminate-on-shutdown when it powers off)."""
         argv = [self.config.shutdown_command, "-P", "now"]
+        if self.config.shutdown_sudo:
+            argv = ["sudo", "-n", *argv]
         log.info("on_chief_exit down: running %s", " ".join(argv))
         try:
             done = subprocess.run(

@@ -314,6 +314,9 @@ class AgentConfig:
     uploaded, every agent shuts its instance down; ``keep``: they stay."""
     shutdown_command: str = field(default="shutdown", metadata=_key(_command, quiet=True))
     """What ``on_chief_exit: down`` runs (with ``-P now``) to power the instance off."""
+    shutdown_sudo: bool = field(default=False, metadata=_key(_bool, quiet=True))
+    """Run it through ``sudo -n``: the agent's user may not power off on its own
+    (the user-data allows that one command)."""
 
     def count(self, role: str) -> int:
         return dict(self.roles).get(role, 0)

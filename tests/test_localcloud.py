@@ -322,6 +322,88 @@ def test_an_instance_namespace_fetches_a_presigned_url_of_moto_on_the_bridge() -
     assert leftovers(s3cloud) == NOTHING
 
 
+USE_CLUSTER = "lcuse"
+TFCLUSTER = str(Path(sys.executable).parent / "tfcluster")
+
+
+def tfcluster(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The operator's command, as its own process."""
+    return subprocess.run(
+        [TFCLUSTER, *argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@needs_netns
+def test_an_operator_sees_the_job_through_the_bucket_and_gets_its_outputs(tmp_path: Path) -> None:
+    """The operator side end to end, through moto's S3 as on EC2: `up` returns once
+    every agent reports that it serves; `status --json` lists every member with its
+    agent's state; `logs chief 0 -f` follows the training's loss lines until the
+    program ends; with on_chief_exit down every instance then powers itself off
+    (the local shutdown terminates it through the EC2 API); `fetch` brings back a
+    checkpoint TensorFlow restores; `down` leaves nothing, the bucket included."""
+    cloud = LocalCloud(USE_CLUSTER)
+    cloud.down()
+    where = ["--local", "--cluster", USE_CLUSTER]
+    try:
+        up = tfcluster("up", *where, "--ps", "1", "--workers", "1", "--program-dir",
+                       str(EXAMPLES), "--set", "program=python3 train.py --steps 3000",
+                       "--set", "on_chief_exit=down", "--timeout", "300")  # fmt: skip
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "TF serving 3/3" in up.stderr, up.stderr
+        assert re.search(r"chief0 .* SERVE ", up.stdout), up.stdout
+
+        status = tfcluster("status", *where, "--json")
+        assert status.returncode == 0, status.stderr
+        members = {m["name"]: m for m in json.loads(status.stdout)["members"]}
+        assert {"chief0", "ps0", "worker0"} <= set(members)
+        for name in ("chief0", "ps0", "worker0"):
+            assert members[name]["agent"]["state"] in ("SERVE", "UPLOAD", "STOP"), members[name]
+
+        logs = tfcluster("logs", "chief", "0", *where, "-f", "--timeout", "240")
+        assert logs.returncode == 0, logs.stderr
+        steps = [int(n) for n, _loss in STEP.findall(logs.stdout)]
+        assert steps and steps[-1] >= 2900, logs.stdout
+        assert '"last_loss"' in logs.stdout
+
+        ec2 = motoserver.session().client("ec2", endpoint_url=motoserver.endpoint(cloud.moto_dir))
+
+        def powered_off() -> bool | None:
+            found = ec2.describe_instances(
+                Filters=[{"Name": "tag:tfcluster:cluster", "Values": [USE_CLUSTER]}]
+            )
+            states = {
+                i["InstanceId"]: i["State"]["Name"]
+                for r in found["Reservations"]
+                for i in r["Instances"]
+                if any(t["Value"] in ("chief", "ps", "worker") for t in i.get("Tags", []))
+            }
+            return True if len(states) == 3 and set(states.values()) == {"terminated"} else None
+
+        wait_for(powered_off, what="every task instance to power itself off", timeout=120)
+
+        out = tmp_path / "out"
+        fetched = tfcluster("fetch", *where, "--to", str(out))
+        assert fetched.returncode == 0, fetched.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["last_loss"] < metrics["first_loss"]
+        restore = (
+            "import sys, tensorflow as tf; w, b = tf.Variable(0.0), tf.Variable(0.0); "
+            "tf.train.Checkpoint(weight=w, bias=b).restore("
+            "tf.train.latest_checkpoint(sys.argv[1])).assert_existing_objects_matched(); "
+            "print(float(w.numpy()), float(b.numpy()))"
+        )
+        argv = [sys.executable, "-c", restore, str(out / "checkpoint")]
+        loaded = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+        assert loaded.returncode == 0, loaded.stderr
+        weight, bias = (float(v) for v in loaded.stdout.split())
+        assert abs(weight - 3) < 0.5 and abs(bias - 2) < 0.5, loaded.stdout
+    finally:
+        down = tfcluster("down", *where, "--yes")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "deleted bucket" in down.stdout + down.stderr
+    assert leftovers(cloud) == NOTHING
+
+
 def test_loopback_mode_boots_a_cluster_on_loopback_addresses() -> None:
     looped = LocalCloud(LOOPBACK_CLUSTER, loopback=True)
     looped.down()

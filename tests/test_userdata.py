@@ -17,6 +17,7 @@ import os
 import pwd
 import random
 import re
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -343,6 +344,7 @@ class Sandbox:
             python=str(python),
             systemctl=str(systemctl),
             shutdown_command=str(shutdown),
+            sudoers_dir=str(root / "etc/sudoers.d"),
         )
 
     def close(self) -> None:
@@ -486,6 +488,32 @@ def test_chief_script_unpacks_the_program_bundle_where_its_program_runs(sandbox,
     assert "bundle_url=" not in worker and "program_dir" not in worker
     with pytest.raises(RenderError, match=r"^bundle: not staged"):
         script_of(config, "chief", etcd_endpoints=ETCD, staged=sandbox.staged())
+
+
+def test_with_on_chief_exit_down_the_agent_may_power_off_and_nothing_else(sandbox):
+    """The agent's user gets exactly one command through sudo (visudo checks the file);
+    the chief's output folder is made for that user."""
+    config = make_config(program="python3 train.py", on_chief_exit="down", **sandbox.artifacts())
+    result = sandbox.run(config, "chief", etcd_endpoints=ETCD)
+    assert result.returncode == 0, result.stderr
+    user = sandbox.layout.service_user
+    rule = sandbox.path("etc/sudoers.d/tfcluster-poweroff")
+    command = sandbox.layout.shutdown_command
+    assert rule.read_text() == f"{user} ALL=(root) NOPASSWD: {command} -P now\n"
+    assert rule.stat().st_mode & 0o777 == 0o440
+    if shutil.which("visudo"):
+        checked = run(["visudo", "-c", "-q", "-f", str(rule)])
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    agent = json.loads(sandbox.path("etc/tfcluster/agent.json").read_text())
+    assert (agent["on_chief_exit"], agent["shutdown_sudo"]) == ("down", True)
+    assert agent["shutdown_command"] == sandbox.layout.shutdown_command
+    output = sandbox.path("var/lib/tfcluster/output")
+    assert output.is_dir() and agent["output_dir"] == str(output)
+    assert output.stat().st_uid == os.getuid()
+    # keep (the default): no sudo rule, and the agent never asks for one.
+    kept = script_of(make_config(**sandbox.artifacts()), "worker", etcd_endpoints=ETCD,
+                     staged=sandbox.staged())  # fmt: skip
+    assert "sudoers" not in kept and '"shutdown_sudo"' not in kept
 
 
 def test_a_tampered_bundle_stops_the_chief_script(sandbox, tmp_path):

@@ -3,7 +3,7 @@
 ``up`` runs `provision.up` with the EC2 provider against this cluster's moto
 server, exactly as against EC2, then ``sync`` boots every instance the API
 reports running (instance.py) and shuts down every instance it no longer
-does, and ``up`` waits until every agent has passed its barrier. ``down``
+does, and ``up`` waits until every agent reports that it serves. ``down``
 runs `provision.down` against moto, then removes every process, namespace,
 interface and file of the cluster, found by the cluster's label, so it also
 cleans up after a crash; it is idempotent.
@@ -19,6 +19,7 @@ Everything of a cluster lives under ``.run/localcloud/<cluster>/``::
     moto/               the moto server's pid file, URL and log
     image/              the local "AMI"'s Python packages (image.py)
     bin/systemctl       the servicectl wrapper the user-data calls (netns mode)
+    bin/shutdown        what an instance's power-off does here (poweroff.py)
     machine/            the machine root: mount point of each instance's fs/
     instances/<id>/     user-data, IMDS emulator, cloud-init-output.log, fs/
 """
@@ -62,12 +63,15 @@ from tfcluster.cloudinit.localcloud import (
 )
 from tfcluster.cloudinit.localcloud.hosts import LOOPBACK, NETNS, Host, LoopbackHost, NetnsHost
 from tfcluster.cloudinit.localcloud.localstack import DEFAULT_BIN
+from tfcluster.cloudinit.observe import view
+from tfcluster.cloudinit.observe import wait as ready
 from tfcluster.cloudinit.stage.errors import StageError
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
 
 DEFAULT_RUN = paths.run_root() / "localcloud"
-BARRIER_TIMEOUT = 240.0
-"""Seconds for every agent to pass its barrier (five TF imports on two cores take ~30 s)."""
+READY_TIMEOUT = 300.0
+"""Seconds for every agent to serve: five venvs, agent installs and TF imports on two
+cores take about a minute."""
 RUN_TIMEOUT = 60.0
 """Seconds for moto to report launched instances running."""
 STOP_TIMEOUT = 20.0
@@ -184,7 +188,9 @@ class LocalCloud:
         (self.folder / "mode").write_text(f"{self.mode}\n")
         provider = self.provider(start=True)
         systemctl = self.folder / "bin" / "systemctl"
-        instance.write_systemctl(systemctl, self.machine_root)
+        instance.write_machine_commands(
+            systemctl, self.machine_root, motoserver.url_file(self.moto_dir)
+        )
         self.machine_root.mkdir(parents=True, exist_ok=True)
         try:
             image_keys = image.build(self.folder / "image")
@@ -240,17 +246,52 @@ class LocalCloud:
         on_event: Progress = no_progress,
         *,
         dry_run: bool = False,
-        barrier_timeout: float = BARRIER_TIMEOUT,
+        wait: bool = True,
+        ready_timeout: float = READY_TIMEOUT,
     ) -> provision.UpResult:
-        """`provision.up` against moto, ``sync``, then wait for every agent's barrier."""
+        """`provision.up` against moto, ``sync``, then (``wait``) `wait_until_serving`."""
         result = provision.up(
             config, self.provider(), dry_run=dry_run, on_event=on_event, run_timeout=RUN_TIMEOUT
         )
         if dry_run:
             return result
         self.sync(on_event)
-        self.wait_for_barrier(barrier_timeout, on_event)
+        if wait:
+            self.wait_until_serving(config, ready_timeout, on_event)
         return result
+
+    def ready_reader(self, config: ClusterConfig) -> Callable[[], ready.Snapshot]:
+        """What `ready.wait_ready` polls, as for EC2: moto's instances and the
+        agents' reports in the cluster bucket of moto's S3."""
+        provider = self.provider()
+        bucket = provider.find_bucket(self.cluster)
+        if bucket is None:
+            raise LocalCloudError(f"cluster {self.cluster} has no bucket for its agents' reports")
+        expected = view.expected_names(config.counts)
+        return view.reader(provider, provider.s3, bucket, self.cluster, expected)
+
+    def wait_until_serving(
+        self, config: ClusterConfig, timeout: float, on_event: Progress = no_progress
+    ) -> None:
+        """Until every agent reports that it serves (the same reports `up` reads on
+        EC2); `LocalCloudError` naming the stuck agent and its log otherwise."""
+        shown: list[str] = []
+
+        def show(snapshot: ready.Snapshot) -> None:
+            line = snapshot.line()
+            if shown != [line]:
+                on_event(line)
+            shown[:] = [line]
+
+        try:
+            ready.wait_ready(self.ready_reader(config), timeout=timeout, on_snapshot=show)
+        except ready.NotReady as exc:
+            row = exc.row
+            where = self.find(row.name) if row is not None else None
+            what = f"{row.name} is {row.state}" if row is not None else "no agent reported"
+            log = f"; see {self.agent_log(where)}" if where is not None else ""
+            message = f"cluster {self.cluster} not ready ({exc.reason}): {what}{log}"
+            raise LocalCloudError(message) from None
 
     def sync(self, on_event: Progress = no_progress) -> None:
         """Boot each running instance not booted yet; shut down each one no longer running."""
@@ -333,41 +374,6 @@ class LocalCloud:
     def _tf_config(self, instance_id: str) -> Path:
         """Written by the agent once its barrier passed."""
         return self._fs(instance_id) / instance.TF_CONFIG
-
-    def wait_for_barrier(self, timeout: float, on_event: Progress = no_progress) -> None:
-        """Until every booted agent has written TF_CONFIG; fail fast if an agent dies."""
-        tasks = self._task_instances()
-        reported: list[int] = []
-
-        def passed() -> bool | None:
-            done, missing = [], []
-            for instance_id, label in tasks:
-                if self._tf_config(instance_id).exists():
-                    done.append(label)
-                    continue
-                if not self._agent_alive(instance_id):
-                    log = self.agent_log(instance_id)
-                    raise LocalCloudError(f"{label}'s agent exited before its barrier; see {log}")
-                missing.append(label)
-            if not reported or reported[-1] != len(done):
-                reported.append(len(done))
-                waiting = f" (waiting for {', '.join(missing)})" if missing else ""
-                on_event(f"{len(done)}/{len(tasks)} agents passed the barrier{waiting}")
-            return True if not missing else None
-
-        try:
-            wait_for(
-                passed, what="every agent to pass its barrier", timeout=timeout, max_interval=1.0
-            )
-        except WaitTimeout as exc:
-            raise LocalCloudError(str(exc)) from None
-
-    def _agent_alive(self, instance_id: str) -> bool:
-        try:
-            pid = int(daemons.pid_file(self._fs(instance_id), AGENT).read_text())
-        except (OSError, ValueError):
-            return False
-        return pid in self._processes(instance_id)
 
     def agent_log(self, instance_id: str) -> Path:
         """The agent's log; on the chief it holds the training's output."""

@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
-from tfcluster.cloudinit.localcloud.cloud import LocalCloud, training_program
+from tfcluster.cloudinit import cli_cluster
+from tfcluster.cloudinit.localcloud.cloud import READY_TIMEOUT, LocalCloud, training_program
+from tfcluster.cloudinit.observe import view
 from tfcluster.cloudinit.terminal import (
     local_cluster,
     one_line_errors,
@@ -32,8 +34,11 @@ def up_local(
     dry_run: bool,
     steps: int | None,
     loopback: bool,
+    no_wait: bool = False,
+    timeout: float | None = None,
 ) -> None:
-    """``up --local``: the same provisioning against moto, then boot, barrier, DNS table."""
+    """``up --local``: the same provisioning against moto, then boot, and (unless
+    ``no_wait``) the same wait on the agents' reports as on EC2, then the DNS table."""
     if config_path is not None:
         raise click.UsageError("--local takes its settings from options, not --config")
     if overrides.pop("region", None) is not None:
@@ -46,10 +51,17 @@ def up_local(
         overrides["program"] = training_program(steps)
     progress(f"starting the local cloud for cluster {cloud.cluster} ({cloud.mode} mode)")
     config = cloud.prepare(overrides)
-    result = cloud.up(config, on_event=progress, dry_run=dry_run)
+    result = cloud.up(config, on_event=progress, dry_run=dry_run, wait=False)
     print_nodes(result, config.zone)
-    if dry_run:
+    if dry_run or no_wait:
         return
+    cli_cluster.wait_until_ready(
+        cloud.provider(),
+        cluster,
+        view.expected_names(config.counts),
+        READY_TIMEOUT if timeout is None else timeout,
+        local=True,
+    )
     entries = cloud.dns_table()
     click.echo("\nDNS, as the cluster's CoreDNS answers on the chief:")
     click.echo(table(("NAME", "ADDRESS", "PORT"), [(e.name, e.address, e.port) for e in entries]))

@@ -36,7 +36,7 @@ from types import MappingProxyType
 
 from tfcluster.cloudinit.cloud.provider import Node
 from tfcluster.cloudinit.config import ClusterConfig
-from tfcluster.cloudinit.localcloud import daemons, network, parts, servicectl
+from tfcluster.cloudinit.localcloud import daemons, motoserver, network, parts, poweroff, servicectl
 from tfcluster.cloudinit.localcloud.localstack import free_port
 from tfcluster.cloudinit.render.userdata import render_parts, render_user_data
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
@@ -71,6 +71,10 @@ def _paths(root: Path, systemctl: Path) -> dict[str, str | int | bool]:
         "tf_config_path": f"{root}/{TF_CONFIG}",
         "service_user": pwd.getpwuid(os.geteuid()).pw_name,
         "systemctl": str(systemctl),
+        # Never the real one: it would power off this machine (poweroff.py).
+        "shutdown_command": str(systemctl.parent / "shutdown"),
+        "shutdown_sudo": False,
+        "sudoers_dir": f"{root}/etc/sudoers.d",
         # No forwarding of other names: nothing leaves this machine (EC2: the VPC resolver).
         "dns_forward": "",
     }
@@ -105,17 +109,23 @@ def loopback_layout(
     }
 
 
-def write_systemctl(path: Path, root: Path) -> None:
-    """The one-word ``systemctl`` the user-data calls: servicectl on ``root``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_machine_commands(systemctl: Path, root: Path, endpoint_file: Path) -> None:
+    """The one-word ``systemctl`` the user-data calls (servicectl on ``root``), and
+    beside it the ``shutdown`` the user-data and the agent call (poweroff.py)."""
+    systemctl.parent.mkdir(parents=True, exist_ok=True)
     command = f"{sys.executable} -m tfcluster.cloudinit.localcloud.servicectl"
-    path.write_text(f'#!/bin/sh\nexec {command} --root "{root}" "$@"\n')
-    path.chmod(0o755)
+    systemctl.write_text(f'#!/bin/sh\nexec {command} --root "{root}" "$@"\n')
+    systemctl.chmod(0o755)
+    poweroff.write_shutdown(systemctl.parent / "shutdown", root, endpoint_file)
 
 
-def _prepare(folder: Path, user_data: bytes) -> str:
-    """Keep the user-data in the folder, check it; its shell script."""
+def _prepare(folder: Path, node: Node, user_data: bytes) -> str:
+    """Keep the user-data in the folder, check it; its shell script. The
+    instance id goes where cloud-init leaves it (read by ``shutdown``)."""
     (folder / FS / "etc").mkdir(parents=True, exist_ok=True)
+    own_id = folder / FS / poweroff.INSTANCE_ID
+    own_id.parent.mkdir(parents=True, exist_ok=True)
+    own_id.write_text(f"{node.instance_id}\n")
     if Path("/etc/nsswitch.conf").exists():
         shutil.copyfile("/etc/nsswitch.conf", folder / FS / "etc" / "nsswitch.conf")
     (folder / "user-data").write_bytes(user_data)
@@ -137,7 +147,7 @@ def boot_netns(
     """Boot ``node`` from ``user_data`` in its own namespace; the namespace's name."""
     ip = _private_ip(node)
     script = folder / "user-data.sh"
-    script.write_text(_prepare(folder, user_data))
+    script.write_text(_prepare(folder, node, user_data))
     ns = network.attach(cluster, node.instance_id, ip)
 
     def inside(argv: Sequence[str]) -> list[str]:
@@ -166,7 +176,7 @@ def boot_loopback(
     are what `provision.up` rendered the user-data with.
     """
     ip = _private_ip(node)
-    script = _prepare(folder, user_data)
+    script = _prepare(folder, node, user_data)
     # The presigned URLs were signed at launch: the same config renders the same
     # bytes only with the same URLs, so they are read back from the script.
     staged = parts.staged_downloads(script)
@@ -178,7 +188,8 @@ def boot_loopback(
         )
     port = free_port(ip)
     systemctl = folder / "bin" / "systemctl"
-    write_systemctl(systemctl, folder / FS)
+    # The cluster's moto server: instances/<id> lies in the cluster's folder (cloud.py).
+    write_machine_commands(systemctl, folder / FS, motoserver.url_file(folder.parents[1] / "moto"))
     imds = f"http://{ip}:{port}"
     own = loopback_layout(folder / FS, systemctl, ip, imds, free_port("127.0.0.1"))
     local = dataclasses.replace(config, layout=MappingProxyType({**config.layout, **own}))

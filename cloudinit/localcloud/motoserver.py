@@ -97,7 +97,8 @@ class MotoProvider(Ec2Provider):
         return str(min(image["ImageId"] for image in images))
 
 
-def _url_file(state_dir: Path) -> Path:
+def url_file(state_dir: Path) -> Path:
+    """Where the server's URL is kept (read by the instances' ``shutdown``, poweroff.py)."""
     return state_dir / "moto.url"
 
 
@@ -106,7 +107,7 @@ def endpoint(state_dir: Path) -> str | None:
     if daemons.running(state_dir, NAME) is None:
         return None
     try:
-        url = _url_file(state_dir).read_text().strip()
+        url = url_file(state_dir).read_text().strip()
     except OSError:
         return None
     return url or None
@@ -131,7 +132,7 @@ def ensure(state_dir: Path, host: str = HOST, timeout: float = READY_TIMEOUT) ->
                 "--host", host, "--port", str(port)]  # fmt: skip
         daemons.start(state_dir, NAME, argv)
         url = f"http://{host}:{port}"
-        _url_file(state_dir).write_text(f"{url}\n")
+        url_file(state_dir).write_text(f"{url}\n")
 
     daemons.await_ready(
         state_dir, NAME, lambda: _answers(url),
@@ -143,7 +144,7 @@ def ensure(state_dir: Path, host: str = HOST, timeout: float = READY_TIMEOUT) ->
 def stop(state_dir: Path) -> bool:
     """Stop the server; True if one was running."""
     stopped = daemons.stop(state_dir, NAME)
-    _url_file(state_dir).unlink(missing_ok=True)
+    url_file(state_dir).unlink(missing_ok=True)
     return stopped
 
 

@@ -39,7 +39,7 @@ NO_OPS = (("daemon-reload",), ("restart", "systemd-resolved.service"))
 IGNORED = {
     "Unit": {"Description", "Wants", "After"},
     "Service": {
-        "Type", "User", "DynamicUser", "Restart", "RestartSec",
+        "Type", "User", "DynamicUser", "Restart", "RestartSec", "RestartPreventExitStatus",
         "KillSignal", "KillMode", "TimeoutStopSec", "LimitNOFILE",
     },
     "Install": {"WantedBy"},

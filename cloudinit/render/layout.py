@@ -82,7 +82,14 @@ class Layout:
     python: Command = "python3"
     systemctl: Command = "systemctl"
     shutdown_command: Command = "shutdown"
-    """What the script calls to schedule ``max_lifetime``'s shutdown (``-P +MINUTES``)."""
+    """What the script calls to schedule ``max_lifetime``'s shutdown (``-P +MINUTES``)
+    and the agent runs for ``on_chief_exit: down`` (``-P now``)."""
+    sudoers_dir: AbsPath = "/etc/sudoers.d"
+    shutdown_sudo: Boolean = True
+    """The agent runs as ``service_user``, which may not power off: with
+    ``on_chief_exit: down`` the script lets it run ``shutdown -P now`` (and
+    nothing else) through sudo. False where the shutdown command needs no
+    privilege (the local cloud's stand-in)."""
     dns_bind: IPv4 = "127.0.0.1"
     dns_port: Port = 5353
     dns_forward: Forward = "169.254.169.253"
@@ -129,6 +136,11 @@ class Layout:
     def program_dir(self) -> str:
         """Where the chief unpacks the program bundle: the program's working directory."""
         return f"{self.install_dir}/program"
+
+    @property
+    def output_dir(self) -> str:
+        """The chief program's TFCLUSTER_OUTPUT_DIR, which its agent uploads."""
+        return f"{self.state_dir}/output"
 
     @property
     def agent_config(self) -> str:

@@ -228,6 +228,7 @@ def render_parts(
         control=control,
         bundle=any(d.var == BUNDLE for d in fetched),
         image_site_packages=bool(layout.image_site_packages),
+        power_off_by_sudo=_power_off_by_sudo(config, role, layout),
         variables=_script_variables(config, role, layout, [*installs, *fetched]),
         installs=[(d.var, d.names) for d in installs],
         lifetime=_duration(config.max_lifetime),
@@ -313,12 +314,22 @@ def _script_variables(
             values["program_dir"] = layout.program_dir
         if layout.image_site_packages:
             values["image_site_packages"] = layout.image_site_packages
+        if role == "chief":
+            values["output_dir"] = layout.output_dir
+        if _power_off_by_sudo(config, role, layout):
+            values |= {"shutdown": layout.shutdown_command, "sudoers_dir": layout.sudoers_dir}
     if config.max_lifetime is not None:
         values |= {
             "shutdown": layout.shutdown_command,
             "lifetime_minutes": -(-config.max_lifetime // 60),
         }
     return [(name, _quote(str(value))) for name, value in values.items()]
+
+
+def _power_off_by_sudo(config: ClusterConfig, role: str, layout: Layout) -> bool:
+    """Whether this task's agent powers its instance off through sudo
+    (``on_chief_exit: down`` with a shutdown command that needs root)."""
+    return role != "control" and config.on_chief_exit == "down" and layout.shutdown_sudo
 
 
 def _quote(value: str) -> str:
@@ -465,10 +476,11 @@ def agent_config(
                 if role == "chief" and config.program_dir is not None
                 else None
             ),
-            output_dir=Path(f"{layout.state_dir}/output"),
+            output_dir=Path(layout.output_dir),
             output_interval=config.output_interval,
             on_chief_exit=config.on_chief_exit,
             shutdown_command=layout.shutdown_command,
+            shutdown_sudo=layout.shutdown_sudo,
         )
     )
     if posts:
