@@ -26,11 +26,11 @@ from test_render_properties import coredns_directives
 from test_userdata import embedded_files
 
 from conftest import REPO, TEST_CLUSTER, TEST_ZONE
-from tfcluster.cloudinit.config import load_cluster_config
+from tfcluster.cloudinit.config import Artifact, load_cluster_config
 from tfcluster.cloudinit.localcloud import localstack
 from tfcluster.cloudinit.localcloud.localstack import free_port
 from tfcluster.cloudinit.render.layout import DEFAULT_LAYOUT
-from tfcluster.cloudinit.render.userdata import render_parts
+from tfcluster.cloudinit.render.userdata import AGENT_OBJECTS, render_parts
 from tfcluster.discovery.waiting import wait_for
 
 UPSTREAM_ANSWER = "192.0.2.53"
@@ -82,7 +82,9 @@ def worker_corefile(etcd: str, forward: str, dns_port: int) -> str:
             },
         },
     )
-    script = render_parts(config, "worker")[1].content
+    # Never fetched here: only the Corefile of the script is used.
+    staged = {name: Artifact(f"http://127.0.0.1:9/{name}", "0" * 64) for name in AGENT_OBJECTS}
+    script = render_parts(config, "worker", staged=staged)[1].content
     return embedded_files(script)[f"{DEFAULT_LAYOUT.config_dir}/Corefile"]
 
 

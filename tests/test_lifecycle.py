@@ -100,6 +100,8 @@ def write_config(tmp_path: Path, cluster: str = "demo", **extra: Any) -> Path:
 
 
 def start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], float]:
+    if args[:1] == ("up",) and "--dry-run" not in args:
+        args = (*args, "--no-wait")  # no agent runs in moto; the wait is test_operator.py's
     proc = subprocess.Popen(
         [TFCLUSTER, *args],
         env=env,

@@ -6,7 +6,10 @@ is the README's own ``tfcluster.yaml`` block, unchanged: it gives no
 moto lacks and refuses to take through PutParameter (a reserved name): it is
 written into moto's SSM backend (`publish_parameter`). The commands are the
 README's ``sh`` block, each run in order; ``down`` asks first and is
-answered "y", as an operator would.
+answered "y", as an operator would. No agent runs in moto, so ``up`` gets
+``--no-wait`` (its wait is tests/test_operator.py's), and the commands that
+act on a running job (``logs``, ``fetch``, ``ssh``) are only parsed, options
+and arguments checked by click as the command line would be.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tfcluster.discovery.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
+JOB_COMMANDS = ("logs", "fetch", "ssh")
 
 
 def aws_section() -> str:
@@ -69,11 +73,21 @@ def test_every_aws_command_of_the_readme_runs_as_written(
     commands = readme_commands()
     assert [argv[:2] for argv in commands] == [
         ["tfcluster", "up"], ["tfcluster", "up"], ["tfcluster", "status"],
+        ["tfcluster", "logs"], ["tfcluster", "fetch"], ["tfcluster", "ssh"],
         ["tfcluster", "render"], ["tfcluster", "down"], ["tfcluster", "ls"],
         ["tfcluster", "unlock"],
     ]  # fmt: skip
     for argv in commands:
-        result = CliRunner().invoke(main, argv[1:], input="y\n")
+        name, args = argv[1], argv[2:]
+        if name in JOB_COMMANDS:
+            with main.make_context("tfcluster", [name]) as group:
+                command = main.get_command(group, name)
+                assert command is not None, name
+                command.make_context(name, args, parent=group)  # raises on a bad option
+            continue
+        if name == "up" and "--dry-run" not in args:
+            args = [*args, "--no-wait"]
+        result = CliRunner().invoke(main, [name, *args], input="y\n")
         assert result.exit_code == 0, f"{shlex.join(argv)}: {result.output}"
     ec2 = boto3.client("ec2", region_name=REGION)
     left = ec2.describe_instances(
