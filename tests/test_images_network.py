@@ -245,13 +245,16 @@ def test_graviton_roles_get_arm64_binaries(provider: Ec2Provider) -> None:
     found = plan.plan_up(config, provider)
     names = sorted(o.name for o in found.staged)
     # etcd runs on the (amd64) control node only; the arm64 ps needs CoreDNS alone.
-    assert names == ["coredns-amd64", "coredns-arm64", "etcd-amd64", "etcdctl-amd64"]
-    assert [o.name for o in found.staged_for("ps")] == ["coredns-arm64"]
+    # The wheel and its constraints serve every architecture (pure Python).
+    assert names == [
+        "constraints", "coredns-amd64", "coredns-arm64", "etcd-amd64", "etcdctl-amd64", "wheel"
+    ]  # fmt: skip
+    assert {o.name for o in found.staged_for("ps")} == {"constraints", "coredns-arm64", "wheel"}
     assert {o.name for o in found.staged_for("worker")} == {
-        "coredns-amd64", "etcd-amd64", "etcdctl-amd64"
+        "constraints", "coredns-amd64", "etcd-amd64", "etcdctl-amd64", "wheel"
     }  # fmt: skip
     assert {o.name for o in found.staged_for("control")} == {
-        "coredns-amd64", "etcd-amd64", "etcdctl-amd64"
+        "constraints", "coredns-amd64", "etcd-amd64", "etcdctl-amd64", "wheel"
     }  # fmt: skip
     arm = next(o for o in found.staged if o.name == "coredns-arm64")
     info = elf_info(arm.path)

@@ -177,10 +177,12 @@ def boot_loopback(
     """
     ip = _private_ip(node)
     script = _prepare(folder, node, user_data)
-    # The presigned URLs were signed at launch: the same config renders the same
-    # bytes only with the same URLs, so they are read back from the script.
-    staged = parts.staged_downloads(script)
-    rendered = render_user_data(config, node.role, index, etcd_endpoints, staged=staged)
+    # The presigned URLs and POSTs were signed at launch: the same config renders
+    # the same bytes only with the same values, so they are read back from the script.
+    staged, posts = parts.staged_downloads(script), parts.signed_posts(script)
+    rendered = render_user_data(
+        config, node.role, index, etcd_endpoints, staged=staged, posts=posts
+    )
     if rendered != user_data:
         raise BootError(
             f"{node.label} ({node.instance_id}): its user-data is not what this cluster's "
@@ -195,7 +197,7 @@ def boot_loopback(
     local = dataclasses.replace(config, layout=MappingProxyType({**config.layout, **own}))
     own_script = folder / "user-data.loopback.sh"
     own_script.write_text(
-        render_parts(local, node.role, index, etcd_endpoints, staged=staged)[1].content
+        render_parts(local, node.role, index, etcd_endpoints, staged=staged, posts=posts)[1].content
     )
     _start_imds(node, folder, f"{ip}:{port}", list)
     _run(node, folder, ["bash", str(own_script)], timeout)

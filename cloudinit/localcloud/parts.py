@@ -11,12 +11,14 @@ from __future__ import annotations
 import email
 import email.policy
 import gzip
+import json
 import re
 import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tfcluster.cloudinit.config import Artifact
 
@@ -105,3 +107,21 @@ def staged_downloads(script: str) -> dict[str, Artifact]:
         for name, values in found.items()
         if set(values) == {"url", "sha256"}
     }
+
+
+_AGENT_JSON = re.compile(r"^write_file \S+/agent\.json \d+ <<'(\w+)'\n(.*?)^\1$", re.S | re.M)
+SIGNED_KEYS = ("report_post", "output_post")
+
+
+def signed_posts(script: str) -> dict[str, Any]:
+    """The presigned POSTs in the script's agent config (``report_post``, the
+    chief's ``output_post``): signed at launch, like the URLs, so the same
+    bytes need the same values (`render_user_data`'s ``posts``)."""
+    found = _AGENT_JSON.search(script)
+    if found is None:
+        return {}
+    try:
+        agent = json.loads(found.group(2))
+    except ValueError:
+        return {}
+    return {key: agent[key] for key in SIGNED_KEYS if key in agent}
