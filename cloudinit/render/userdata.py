@@ -480,7 +480,7 @@ def agent_config(
             output_interval=config.output_interval,
             on_chief_exit=config.on_chief_exit,
             shutdown_command=layout.shutdown_command,
-            shutdown_sudo=layout.shutdown_sudo,
+            shutdown_sudo=_power_off_by_sudo(config, role, layout),
         )
     )
     if posts:
