@@ -38,6 +38,7 @@ from tfcluster.discovery.tfconfig import make_dns_cluster_resolver
 TRUE_WEIGHT, TRUE_BIAS, NOISE = 3.0, 2.0, 0.1
 BATCH, LEARNING_RATE = 64, 0.1
 CHECKPOINT_DIR, METRICS_FILE = "checkpoint", "metrics.json"
+CHIEF_DEVICE = "/job:chief/replica:0/task:0/device:CPU:0"
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,16 @@ def run(
         losses=losses,
     )
     if output_dir is not None:
-        save(tf.train.Checkpoint(weight=weight, bias=bias), result, output_dir)
+        # Saving the strategy's variables would run SaveV2 on the parameter servers,
+        # writing to *their* disks; copies on the chief are written on the chief's.
+        with tf.device(CHIEF_DEVICE):
+            local = {"weight": tf.Variable(result.weight), "bias": tf.Variable(result.bias)}
+        save(tf.train.Checkpoint(**local), result, output_dir)
     return result
 
 
 def save(checkpoint: Any, result: TrainResult, output_dir: Path) -> None:
-    """The checkpoint (read back from the parameter servers by the chief) and
+    """The checkpoint (of the chief's copies of the variables) and
     ``metrics.json``, written whole (a temporary name, then renamed): an
     upload never sees half a metrics file."""
     output_dir.mkdir(parents=True, exist_ok=True)
