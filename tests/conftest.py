@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import shutil
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from controlled_moto import ControlledMoto, running, s3_client
 from tfcluster.cloudinit.localcloud import localstack
 from tfcluster.discovery import records
 from tfcluster.discovery.dns import Endpoint
@@ -160,3 +162,27 @@ def stand_in_staged() -> dict[str, Any]:
         url = f"https://cluster-bucket.invalid/objects/{sha}/{filename}?X-Amz-Signature=stand-in"
         staged[name] = Artifact(url, sha)
     return staged
+
+
+# A moto server (EC2 and S3) per module, emptied around each test, and a fresh
+# bucket in it: the reports, outputs and agent-report tests share these; test
+# files with a server of their own (lifecycle, operator) define their own.
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[ControlledMoto]:
+    yield from running()
+
+
+@pytest.fixture
+def moto(moto_server: ControlledMoto) -> Iterator[ControlledMoto]:
+    moto_server.clear()
+    try:
+        yield moto_server
+    finally:
+        moto_server.clear()
+
+
+@pytest.fixture
+def bucket(moto: ControlledMoto) -> str:
+    name = f"tfc-{uuid.uuid4().hex[:12]}"
+    s3_client(moto.url).create_bucket(Bucket=name)
+    return name

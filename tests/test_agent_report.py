@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from controlled_moto import ControlledMoto, running, s3_client
+from controlled_moto import ControlledMoto, s3_client
 from harness import AgentProcess, make_agent
 from tfcluster.cloudinit.localcloud.localstack import free_port
 from tfcluster.cloudinit.observe.policy import (
@@ -42,27 +41,6 @@ from tfcluster.discovery.report import report_key
 from tfcluster.discovery.waiting import wait_for
 
 REPORT_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[ControlledMoto]:
-    yield from running()
-
-
-@pytest.fixture
-def moto(moto_server: ControlledMoto) -> Iterator[ControlledMoto]:
-    moto_server.clear()
-    try:
-        yield moto_server
-    finally:
-        moto_server.clear()
-
-
-@pytest.fixture
-def bucket(moto: ControlledMoto) -> str:
-    name = f"tfc-{uuid.uuid4().hex[:12]}"
-    s3_client(moto.url).create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import json
 import os
 import re
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import boto3
 import pytest
 
-from controlled_moto import ControlledMoto, running, s3_client
+from controlled_moto import ControlledMoto, s3_client
 from tfcluster.cloudinit.observe.policy import (
     OUTPUT_SIZE,
     SIGNING_CONFIG,
@@ -34,27 +32,6 @@ from tfcluster.discovery.output import MARKER_KEY, OutputUploader
 from tfcluster.discovery.records import Member
 from tfcluster.discovery.report import PostTarget, ReportWriteError, post_file
 from tfcluster.discovery.waiting import wait_for
-
-
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[ControlledMoto]:
-    yield from running()
-
-
-@pytest.fixture
-def moto(moto_server: ControlledMoto) -> Iterator[ControlledMoto]:
-    moto_server.clear()
-    try:
-        yield moto_server
-    finally:
-        moto_server.clear()
-
-
-@pytest.fixture
-def bucket(moto: ControlledMoto) -> str:
-    name = f"tfc-{uuid.uuid4().hex[:12]}"
-    s3_client(moto.url).create_bucket(Bucket=name)
-    return name
 
 
 def output_target(url: str, bucket: str, **options: Any) -> PostTarget:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import boto3
 import pytest
 
-from controlled_moto import ControlledMoto, running, s3_client
+from controlled_moto import ControlledMoto, s3_client
 from tfcluster.cloudinit.observe.policy import SIGNING_CONFIG, allows, policy_terms, sign_post
 from tfcluster.discovery.agent_config import ConfigError, dump_agent_config, parse_agent_config
 from tfcluster.discovery.records import Member
@@ -44,27 +43,6 @@ FAST = {"backoff_first": 1.0, "backoff_max": 1.0}
 
 
 # -- fixtures ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[ControlledMoto]:
-    yield from running()
-
-
-@pytest.fixture
-def moto(moto_server: ControlledMoto) -> Iterator[ControlledMoto]:
-    moto_server.clear()
-    try:
-        yield moto_server
-    finally:
-        moto_server.clear()
-
-
-@pytest.fixture
-def bucket(moto: ControlledMoto) -> str:
-    name = f"tfc-{uuid.uuid4().hex[:12]}"
-    s3_client(moto.url).create_bucket(Bucket=name)
-    return name
 
 
 def target(url: str, bucket: str, label: str, **options: Any) -> PostTarget:
