@@ -557,8 +557,6 @@ def test_ssh_builds_the_command_line_or_says_what_is_missing(
         ("down", "--cluster", "demo", "--keep-output", "--purge"),
         ("ssh", "chief", "x", "--cluster", "demo"),
         ("up", "--config", "c.yaml", "--timeout", "0"),
-        ("status", "--cluster", "demo", "--local", "--json"),
-        ("up", "--local", "--no-wait"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(env, args):

@@ -235,7 +235,7 @@ FORM = {"key": "output/${filename}", "policy": "e30=", "x-amz-signature": "ab"}
 def test_output_and_chief_exit_keys_are_optional_and_round_trip():
     plain = parse_agent_config(BASE)
     assert plain.output_post is None and plain.output_dir == Path("/var/lib/tfcluster/output")
-    assert plain.output_interval == 300 and plain.on_chief_exit == "keep"
+    assert plain.output_interval == 900 and plain.on_chief_exit == "keep"
     assert plain.shutdown_command == "shutdown"
     new_keys = {"output_post", "output_interval", "on_chief_exit", "shutdown_command"}
     assert not new_keys & set(dump_agent_config(plain))  # left out while they have their default
@@ -261,7 +261,7 @@ def test_output_and_chief_exit_keys_are_optional_and_round_trip():
     [
         ("output_post", {"url": "s3://b", "fields": {"chief": FORM}}, "output_post.url: must be"),
         ("output_post", {"url": "https://x/", "fields": {"ps1": FORM}}, "output_post.fields:"),
-        ("output_interval", 0, "output_interval: must be an integer from 1 to 86400"),
+        ("output_interval", 0, "output_interval: must be an integer from 1 to 2592000"),
         ("output_dir", "", "output_dir: must be a non-empty string"),
         ("on_chief_exit", "terminate", "on_chief_exit: must be 'keep' or 'down'"),
         ("shutdown_command", "shutdown -P now", "shutdown_command: must be a program name or"),

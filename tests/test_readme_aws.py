@@ -48,10 +48,12 @@ def readme_config() -> str:
 
 
 def readme_commands() -> list[list[str]]:
-    """The sh block's commands, continuation lines joined, comments dropped."""
-    found = re.search(r"```sh\n(.*?)```", aws_section(), re.S)
-    assert found is not None
-    joined = re.sub(r"\\\n\s*", " ", found.group(1))
+    """The commands of the section's sh block of tfcluster commands (the other one
+    installs tfcluster), continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", aws_section(), re.S)
+    found = [b for b in blocks if b.startswith("tfcluster ")]
+    assert len(found) == 1, blocks
+    joined = re.sub(r"\\\n\s*", " ", found[0])
     commands = [shlex.split(line, comments=True) for line in joined.splitlines()]
     return [argv for argv in commands if argv]
 

@@ -479,7 +479,10 @@ def agent_config(
             output_dir=Path(layout.output_dir),
             output_interval=config.output_interval,
             on_chief_exit=config.on_chief_exit,
-            shutdown_command=layout.shutdown_command,
+            # Only what on_chief_exit down runs needs it; the default leaves it out.
+            shutdown_command=(
+                layout.shutdown_command if config.on_chief_exit == "down" else "shutdown"
+            ),
             shutdown_sudo=_power_off_by_sudo(config, role, layout),
         )
     )
