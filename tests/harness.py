@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tfcluster.cloudinit.localcloud.imds_emulator import IMDSEmulator, InstanceMetadata
-from tfcluster.cloudinit.localcloud.localstack import StackSettings
+from tfcluster.cloudinit.localcloud.localstack import StackSettings, free_port
 from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, role_counts
 from tfcluster.discovery.waiting import wait_for
 
@@ -117,3 +118,21 @@ def make_agent(
     data = {**dump_agent_config(replace(config, **overrides)), **(raw or {})}
     config_path.write_text(json.dumps(data))
     return AgentProcess(name, ip, config_path, tf_config_path, tmp / f"{name}.log", emulator)
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base .. base+count-1 are free on every address."""
+    for _ in range(50):
+        base = free_port()
+        if base + count < 65536 and all(_tcp_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no block of free ports")
+
+
+def _tcp_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from conftest import require_tool
-from harness import AgentProcess, make_agent
+from harness import AgentProcess, free_port_block, make_agent
 from tfcluster.cloudinit.localcloud import daemons, localstack
 from tfcluster.cloudinit.localcloud.localstack import free_port
 from tfcluster.discovery import dns, etcdclient, records
@@ -276,7 +275,7 @@ def test_agents_start_tensorflow_and_the_chief_trains(stack, clean_cluster, agen
     started by the agents themselves; the chief trains from the TF_CONFIG its agent
     wrote (addresses: the host's own resolver does not know the zone)."""
     roles = {"chief": 1, "ps": 1, "worker": 2}
-    base = _free_port_block(4)
+    base = free_port_block(4)
     chief = None
     for n, (role, index) in enumerate([("chief", 0), ("ps", 0), ("worker", 0), ("worker", 1)]):
         agent = make_agent(
@@ -294,21 +293,3 @@ def test_agents_start_tensorflow_and_the_chief_trains(stack, clean_cluster, agen
     for agent in agents[1:]:
         agent.signal(signal.SIGTERM)
         assert agent.wait_exit(30) == 0, agent.log()
-
-
-def _free_port_block(count: int) -> int:
-    """A base port such that base .. base+count-1 are free on every address."""
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65536 and all(_tcp_free(base + i) for i in range(count)):
-            return base
-    raise AssertionError("no block of free ports")
-
-
-def _tcp_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True

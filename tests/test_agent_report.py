@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 
 from controlled_moto import ControlledMoto, s3_client
-from harness import AgentProcess, make_agent
-from tfcluster.cloudinit.localcloud.localstack import free_port
+from harness import AgentProcess, free_port_block, make_agent
 from tfcluster.cloudinit.observe.policy import (
     allows,
     output_post_config,
@@ -124,23 +123,6 @@ def listening(ip: str, port: int) -> bool | None:
             return True
     except OSError:
         return None
-
-
-def free_port_block(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65536 and all(_tcp_free(base + i) for i in range(count)):
-            return base
-    raise AssertionError("no block of free ports")
-
-
-def _tcp_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 # -- reports per state -------------------------------------------------------------------
