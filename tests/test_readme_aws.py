@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 from click.testing import CliRunner
-from moto import mock_aws
-from test_images_network import PUBLISHED, publish_parameter
 
-from controlled_moto import use_fake_aws
+# The fixture: fake AWS, with the images' public SSM parameters written into moto.
+from test_images_network import aws  # noqa: F401
+
 from tfcluster.discovery.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,17 +57,9 @@ def readme_commands() -> list[list[str]]:
     return [argv for argv in commands if argv]
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    use_fake_aws(monkeypatch, tmp_path, REGION)
-    with mock_aws(config={"core": {"mock_credentials": False}}):
-        for name, value in PUBLISHED.items():
-            publish_parameter(name, value)
-        yield
-
-
+@pytest.mark.usefixtures("aws")
 def test_every_aws_command_of_the_readme_runs_as_written(
-    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "tfcluster.yaml").write_text(readme_config())
     monkeypatch.chdir(tmp_path)
