@@ -141,7 +141,12 @@ class Agent:
         self.claim_timeout = claim_timeout
         self.final_upload_timeout = final_upload_timeout
         self.registry = Registry(
-            self.etcd, config.cluster, config.zone, config.lease_ttl, config.record_ttl
+            self.etcd,
+            config.cluster,
+            config.zone,
+            config.lease_ttl,
+            config.record_ttl,
+            follow_job=config.on_chief_exit == "down",
         )
         self.identity: Identity | None = None
         self.child: subprocess.Popen[bytes] | None = None

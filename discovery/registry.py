@@ -61,8 +61,19 @@ class Holder:
 class Registry:
     """One member's name in one cluster's etcd prefix."""
 
-    def __init__(self, client: Any, cluster: str, zone: str, lease_ttl: int, record_ttl: int):
+    def __init__(
+        self,
+        client: Any,
+        cluster: str,
+        zone: str,
+        lease_ttl: int,
+        record_ttl: int,
+        follow_job: bool = False,
+    ):
+        """``follow_job``: this member will look for the job-done key (on_chief_exit
+        down), so its claim also reads the claim's revision; others skip that read."""
         self.client = client
+        self.follow_job = follow_job
         self.path = records.cluster_path(cluster)
         self.zone = zone
         self.lease_ttl = lease_ttl
@@ -102,7 +113,8 @@ class Registry:
             if won:
                 self.lease, self.identity = lease, identity
                 log.info("claimed %s (lease %x)", identity.member.name(self.zone), lease.id)
-                self._note_claim_revision(record_key)
+                if self.follow_job:
+                    self._note_claim_revision(record_key)
                 return
             self._revoke(lease)
             held = [kv for response in responses for kv in response]

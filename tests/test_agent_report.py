@@ -392,7 +392,7 @@ def test_a_job_done_key_older_than_the_claim_is_an_earlier_jobs(stack, etcd, cle
     create) may still hold an earlier job's key under the same cluster name."""
     key = records.job_done_key(records.cluster_path(stack.cluster))
     etcd.put(key, json.dumps({"by": "chief0", "exit_code": 0}))
-    registry = Registry(etcd, stack.cluster, stack.zone, lease_ttl=4, record_ttl=1)
+    registry = Registry(etcd, stack.cluster, stack.zone, lease_ttl=4, record_ttl=1, follow_job=True)
     member = Member("worker", 0)
     registry.claim(Identity(member, "127.0.43.20", 2222, instance_id_of("worker", 0, "x")))
     try:
