@@ -103,8 +103,9 @@ def wait_until_ready(
     timeout: float,
     *,
     local: bool = False,
-) -> None:
-    """``up``'s wait: a live line until every agent serves, then the table.
+) -> wait.Snapshot | None:
+    """``up``'s wait: a live line until every agent serves, then the table; the
+    last reading (None: no bucket, so nothing to wait on).
 
     On a failure or the timeout: one ``Error:`` line naming the stuck agent
     and its state, its last log lines, how to look and how to remove; exit 1.
@@ -121,7 +122,7 @@ def wait_until_ready(
             "(every binary is overridden in 'artifacts')",
             err=True,
         )
-        return
+        return None
     look = view.reader(provider, _s3(provider), bucket, cluster, expected)
     click.echo(f"waiting up to {timeout:g} s for {len(expected)} agent(s) to serve", err=True)
     try:
@@ -163,6 +164,7 @@ def wait_until_ready(
         if v.role in ROLES
     ]  # fmt: skip
     click.echo(table(("NAME", "INSTANCE", "ADDRESS", "DNS NAME", "STATE", "PROGRAM"), rows))
+    return done
 
 
 def show_status(

@@ -350,7 +350,8 @@ def test_an_operator_sees_the_job_through_the_bucket_and_gets_its_outputs(tmp_pa
                        "--set", "on_chief_exit=down", "--timeout", "300")  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         assert "TF serving 3/3" in up.stderr, up.stderr
-        assert re.search(r"chief0 .* SERVE ", up.stdout), up.stdout
+        # A short job may have ended by the wait's last reading: the table then says so.
+        assert re.search(r"chief0 .* (SERVE|UPLOAD|STOP) ", up.stdout), up.stdout
 
         status = tfcluster("status", *where, "--json")
         assert status.returncode == 0, status.stderr

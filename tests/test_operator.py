@@ -620,3 +620,16 @@ def test_wait_ready_is_bounded_and_names_the_agent_furthest_behind():
     assert seen[0] == (
         "instances running 0/3, names claimed 1/3, barrier passed 1/3, TF serving 1/3"
     )
+
+
+def test_a_job_that_ended_during_the_wait_is_ready_and_says_so():
+    """A short job can end before the wait's last reading: that reading is ready,
+    and it says that the chief's program has ended (``up --local`` then skips its
+    DNS table, whose instances may be powering off)."""
+    expected = ["chief0", "ps0"]
+    running = view.snapshot([], [row("chief0", "SERVE", program="running"),
+                                 row("ps0", "SERVE", program="serving")], expected)  # fmt: skip
+    assert running.progress.ready and running.program_ended() is None
+    rows = [row("chief0", "STOP", program="exited 0"), row("ps0", "STOP", program="exited 0")]
+    ended = wait.wait_ready(lambda: view.snapshot([], rows, expected), timeout=1)
+    assert ended.program_ended() == "exited 0"

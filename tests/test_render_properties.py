@@ -115,6 +115,16 @@ WITH = {
 }
 
 
+#: The fields whose empty value is accepted and means "none": no forwarder for
+#: names outside the zone, no local image adapter (the EC2 install).
+SWITCHED_OFF_BY_EMPTY = {"layout.dns_forward", "layout.image_site_packages"}
+
+
+def baseline_key(example: "Example") -> tuple[str, bool]:
+    """Which plain example an example's files are compared with."""
+    return example.field, example.field in SWITCHED_OFF_BY_EMPTY and example.value == ""
+
+
 def config_with(field: str, value: str) -> Any:
     own = {field: [value] if field == "etcd" else value, **WITH.get(field, {})}
     return load_cluster_config(None, {**BASE, **own})
@@ -380,7 +390,13 @@ def test_odd_values_are_refused_or_keep_every_files_structure(tmp_path, render_c
         Example(field, value, instance_files(config_with(field, value)))
         for field, value in FIELDS.items()
     ]
-    baseline = {example.field: example for example in plain}
+    # An empty value that is accepted switches its feature off, and so its files'
+    # structure: it is compared with the field's own empty baseline.
+    plain += [
+        Example(field, "", instance_files(config_with(field, "")))
+        for field in sorted(SWITCHED_OFF_BY_EMPTY)
+    ]
+    baseline = {baseline_key(example): example for example in plain}
     examples = plain + accepted
     failures = []
 
@@ -391,7 +407,7 @@ def test_odd_values_are_refused_or_keep_every_files_structure(tmp_path, render_c
 
     # Python's own readers: units, resolved.conf, etcd.env, agent.json, cloud-config.
     for n, example in enumerate(examples):
-        expected = baseline[example.field].files
+        expected = baseline[baseline_key(example)].files
         if sorted(example.files) != sorted(expected):
             check(n, "files", f"{sorted(example.files)} != {sorted(expected)}")
             continue
@@ -414,9 +430,9 @@ def test_odd_values_are_refused_or_keep_every_files_structure(tmp_path, render_c
     }
     parsed = {**scripts, **corefiles}
     path_of = {where: path for path, where in parsed.items()}
-    plain_index = {example.field: n for n, example in enumerate(plain)}
+    plain_index = {baseline_key(example): n for n, example in enumerate(plain)}
     for path, (n, kind) in parsed.items():
-        base = path_of[(plain_index[examples[n].field], kind)]
+        base = path_of[(plain_index[baseline_key(examples[n])], kind)]
         if isinstance(views[str(base)], tuple):
             check(n, kind, f"the plain value does not parse: {views[str(base)]}")
         elif views[str(path)] != views[str(base)]:
@@ -440,6 +456,18 @@ def test_odd_values_are_refused_or_keep_every_files_structure(tmp_path, render_c
     # The property means something only if odd values got through to the files: at
     # least 1 in 20 (about 95 of 1000 get through, over some 70 fuzzed keys).
     assert len(accepted) >= EXAMPLES // 20 and len(refused) >= EXAMPLES // 4
+
+
+def test_only_the_switches_accept_an_empty_value():
+    """An empty value is refused unless it names "none" (and so has a baseline of its own)."""
+    accepted = set()
+    for field in FIELDS:
+        try:
+            config_with(field, "")
+        except ConfigError:
+            continue
+        accepted.add(field)
+    assert accepted == SWITCHED_OFF_BY_EMPTY
 
 
 def test_every_string_key_is_fuzzed():

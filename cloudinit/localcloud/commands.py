@@ -12,7 +12,12 @@ from typing import Any
 import click
 
 from tfcluster.cloudinit import cli_cluster
-from tfcluster.cloudinit.localcloud.cloud import READY_TIMEOUT, LocalCloud, training_program
+from tfcluster.cloudinit.localcloud.cloud import (
+    READY_TIMEOUT,
+    LocalCloud,
+    LocalCloudError,
+    training_program,
+)
 from tfcluster.cloudinit.observe import view
 from tfcluster.cloudinit.terminal import (
     local_cluster,
@@ -55,14 +60,26 @@ def up_local(
     print_nodes(result, config.zone)
     if dry_run or no_wait:
         return
-    cli_cluster.wait_until_ready(
+    done = cli_cluster.wait_until_ready(
         cloud.provider(),
         cluster,
         view.expected_names(config.counts),
         READY_TIMEOUT if timeout is None else timeout,
         local=True,
     )
-    entries = cloud.dns_table()
+    ended = done.program_ended() if done is not None else None
+    try:
+        entries = [] if ended else cloud.dns_table()
+    except LocalCloudError:
+        if cloud.find("chief0") is not None:
+            raise
+        ended = "ended"  # the chief powered off while it was asked
+    if ended:
+        click.echo(
+            f"\nthe chief's program has {ended} already: no DNS to show "
+            f"(see 'tfcluster logs chief 0 --local --cluster {cluster}' and 'tfcluster fetch')"
+        )
+        return
     click.echo("\nDNS, as the cluster's CoreDNS answers on the chief:")
     click.echo(table(("NAME", "ADDRESS", "PORT"), [(e.name, e.address, e.port) for e in entries]))
     chief = cloud.find("chief0")

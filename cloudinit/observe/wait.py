@@ -42,6 +42,17 @@ class Snapshot:
     def instance_of(self, name: str) -> str | None:
         return dict(self.instances).get(name)
 
+    def program_ended(self) -> str | None:
+        """The chief's program state once it has ended (``exited 0``), else None.
+
+        A short job can end before the wait's last reading: its instances may
+        then be shutting down (``on_chief_exit: down``).
+        """
+        chief = next((r for r in self.rows if r.name == "chief0"), None)
+        if chief is not None and chief.program.startswith(("exited", "failed")):
+            return chief.program
+        return None
+
     def line(self) -> str:
         """The live progress line of ``up``."""
         p = self.progress
