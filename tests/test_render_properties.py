@@ -120,7 +120,7 @@ WITH = {
 SWITCHED_OFF_BY_EMPTY = {"layout.dns_forward", "layout.image_site_packages"}
 
 
-def baseline_key(example: "Example") -> tuple[str, bool]:
+def baseline_key(example: Example) -> tuple[str, bool]:
     """Which plain example an example's files are compared with."""
     return example.field, example.field in SWITCHED_OFF_BY_EMPTY and example.value == ""
 
