@@ -56,6 +56,10 @@ The file (every key optional except ``cluster``)::
     on_chief_exit: keep              # down: once the chief's program has exited and its outputs
                                      #   are uploaded, every instance shuts down (the bucket stays
                                      #   for `tfcluster fetch`); needs program
+    preload_tensorflow: true         # ps and workers import TensorFlow while their barrier
+                                     #   waits and start their server the moment it passes;
+                                     #   false: import after the barrier (one process less
+                                     #   while waiting)
     output_interval: 15m             # the chief uploads its output folder this often while its
                                      #   program runs (10m..1d), and once more when it exits
     max_lifetime: null               # e.g. 12h, 90m, 2d, 1d12h (10m..30d): every instance shuts
@@ -158,6 +162,7 @@ class ClusterConfig:
     url_expiry: int = 6 * 3600
     download_binaries: bool = False
     on_chief_exit: str = "keep"
+    preload_tensorflow: bool = True
     output_interval: int = 15 * 60
     amis: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     disk_gb: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))

@@ -147,6 +147,7 @@ class ConfigFile(BaseModel):
     max_lifetime: Annotated[int | None, PlainValidator(checks.duration)] = None
     url_expiry: Annotated[int, PlainValidator(checks.url_expiry)] = 6 * 3600
     download_binaries: Boolean = False
+    preload_tensorflow: Boolean = True
     on_chief_exit: Annotated[str, PlainValidator(checks.one_of("keep", "down"))] = "keep"
     output_interval: Annotated[int, PlainValidator(_upload_interval)] = 15 * 60
     layout: LayoutFields = LayoutFields()  # type: ignore[valid-type]  # a model made at import

@@ -52,7 +52,6 @@ at once. etcd restarting keeps its leases, so agents just keep refreshing.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -86,11 +85,6 @@ EXIT_BARRIER_TIMEOUT = 5
 EXIT_ETCD = 6
 EXIT_SERVER_FAILED = 7
 EXIT_OUTPUT = 8
-
-# Set to 0 to start a ps or worker's TensorFlow only after the barrier (as
-# before the overlap): for hosts that cannot spare its memory while waiting,
-# and for measuring what the overlap saves.
-PRELOAD_ENV = "TFCLUSTER_PRELOAD_TF"
 
 RELAY_CHUNK = 64 * 1024
 """The child's output is relayed in lines, or pieces of this many bytes."""
@@ -432,8 +426,8 @@ class Agent:
         the barrier waits, and starts its server when _serve says go."""
         if not self.start_server or identity.member.role == "chief":
             return
-        if os.environ.get(PRELOAD_ENV, "1") == "0":
-            log.info("%s=0: TensorFlow starts after the barrier", PRELOAD_ENV)
+        if not self.config.preload_tensorflow:
+            log.info("preload_tensorflow is false: TensorFlow starts after the barrier")
             return
         argv = [sys.executable, "-m", "tfcluster.discovery.tfserver"]
         argv += ["--tf-config", str(self.config.tf_config_path), "--wait-config"]

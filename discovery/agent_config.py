@@ -312,6 +312,10 @@ class AgentConfig:
     on_chief_exit: str = field(default="keep", metadata=_key(_chief_exit, quiet=True))
     """``down``: once the chief's program has exited and its outputs are
     uploaded, every agent shuts its instance down; ``keep``: they stay."""
+    preload_tensorflow: bool = field(default=True, metadata=_key(_bool, quiet=True))
+    """A ps or worker starts its TensorFlow process before the barrier: it imports
+    TensorFlow while the barrier waits and starts its server when TF_CONFIG is
+    written. False: the process starts after the barrier."""
     shutdown_command: str = field(default="shutdown", metadata=_key(_command, quiet=True))
     """What ``on_chief_exit: down`` runs (with ``-P now``) to power the instance off."""
     shutdown_sudo: bool = field(default=False, metadata=_key(_bool, quiet=True))

@@ -73,6 +73,10 @@ def serve(
     return signal.Signals(signal.sigwait(_STOP_SIGNALS))
 
 
+IMPORTED = "TensorFlow imported; waiting for the barrier"
+"""What a preloaded TF process prints once its import is done."""
+
+
 def preload_then_serve(tf_config: str) -> signal.Signals | None:
     """Import TensorFlow, wait for ``go`` on stdin, then serve (see --wait-config).
 
@@ -94,6 +98,7 @@ def preload_then_serve(tf_config: str) -> signal.Signals | None:
     threading.Thread(target=wait_for_signal, name="stop signals", daemon=True).start()
     import tensorflow  # noqa: F401  (the slow part, done while the barrier waits)
 
+    print(f"tfserver: {IMPORTED}", flush=True)
     line = sys.stdin.readline()
     if line.strip() != "go":
         return None

@@ -13,7 +13,7 @@ from conftest import require_tool
 from harness import AgentProcess, free_port_block, make_agent
 from tfcluster.cloudinit.localcloud import daemons, localstack
 from tfcluster.cloudinit.localcloud.localstack import free_port
-from tfcluster.discovery import dns, etcdclient, records
+from tfcluster.discovery import dns, etcdclient, records, tfserver
 from tfcluster.discovery.registry import list_records
 from tfcluster.discovery.waiting import wait_for
 
@@ -291,5 +291,42 @@ def test_agents_start_tensorflow_and_the_chief_trains(stack, clean_cluster, agen
     print(f"\nchief losses: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} reports)")
     assert len(losses) >= 2 and losses[-1] < losses[0] / 2
     for agent in agents[1:]:
+        agent.signal(signal.SIGTERM)
+        assert agent.wait_exit(30) == 0, agent.log()
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "after-barrier"])
+def test_a_ps_imports_tensorflow_while_its_barrier_waits(
+    stack, clean_cluster, agents, tmp_path, preload
+):
+    """preload_tensorflow (the default): ps0's TF process has imported TensorFlow
+    before its barrier can pass (worker0 is not started yet), and its server
+    starts when the barrier passes. False: no TF process until the barrier."""
+    roles = {"ps": 1, "worker": 1}
+    base = free_port_block(2)
+    options = dict(roles=roles, tf_port=base, tf_config_addresses="ips", barrier_timeout=180,
+                   preload_tensorflow=preload)  # fmt: skip
+    ps = make_agent(tmp_path, stack, role="ps", launch_index=0, ip="127.0.36.1", **options)
+    agents.append(ps)
+    ps.start(no_server=False)
+    if preload:
+        wait_for(lambda: tfserver.IMPORTED in ps.log() or None,
+                 what="ps0 to import TensorFlow", timeout=180)  # fmt: skip
+    else:
+        wait_for(lambda: "preload_tensorflow is false" in ps.log() or None,
+                 what="ps0 to say that TensorFlow starts after the barrier", timeout=60)  # fmt: skip
+    assert not ps.tf_config_path.exists()  # the barrier has not passed: worker0 is not up
+    worker = make_agent(tmp_path, stack, role="worker", launch_index=0, ip="127.0.36.2", **options)
+    agents.append(worker)
+    worker.start(no_server=False)
+    for agent in (ps, worker):
+        wait_for(lambda agent=agent: "s after the barrier passed" in agent.log() or None,
+                 what=f"{agent.name}'s TF server to listen", timeout=180)  # fmt: skip
+    log = ps.log()
+    assert (tfserver.IMPORTED in log) is preload
+    if preload:
+        assert log.index(tfserver.IMPORTED) < log.index("barrier passed")
+    for agent in (ps, worker):
         agent.signal(signal.SIGTERM)
         assert agent.wait_exit(30) == 0, agent.log()

@@ -200,3 +200,18 @@ def test_the_file_must_be_a_json_object(tmp_path):
     path.write_text("{")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         load_agent_config(path)
+
+
+def test_preload_tensorflow_reaches_the_agent_and_is_left_out_while_default(tmp_path):
+    """The config key turns the overlap off on every ps and worker; its default
+    (true) is not written, so the rendered agent.json of every other cluster is
+    unchanged."""
+    path = tmp_path / "tfcluster.yaml"
+    path.write_text(CLUSTER_YAML)
+    plain = parse_agent_config(rendered_agent_json(load_cluster_config(path, {}), "ps", 0))
+    assert plain.preload_tensorflow is True
+    assert "preload_tensorflow" not in dump_agent_config(plain)
+    off = load_cluster_config(path, {"preload_tensorflow": False})
+    assert parse_agent_config(rendered_agent_json(off, "worker", 1)).preload_tensorflow is False
+    with pytest.raises(ClusterConfigError, match=r"^preload_tensorflow: "):
+        load_cluster_config(path, {"preload_tensorflow": "sometimes"})

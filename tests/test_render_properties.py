@@ -477,7 +477,7 @@ def test_every_string_key_is_fuzzed():
     not_strings = {
         "allow_public_zone", "chief", "ps", "workers", "spot_workers", "tf_port", "lease_ttl",
         "record_ttl", "max_instances", "instance_types", "artifacts", "layout",
-        "download_binaries",
+        "download_binaries", "preload_tensorflow",
     }  # fmt: skip
     assert set(ConfigFile.model_fields) - not_strings == {f.split(".")[0] for f in FIELDS} - {
         "instance_types", "artifacts", "layout"

@@ -479,6 +479,7 @@ def agent_config(
             output_dir=Path(layout.output_dir),
             output_interval=config.output_interval,
             on_chief_exit=config.on_chief_exit,
+            preload_tensorflow=config.preload_tensorflow,
             # Only what on_chief_exit down runs needs it; the default leaves it out.
             shutdown_command=(
                 layout.shutdown_command if config.on_chief_exit == "down" else "shutdown"
