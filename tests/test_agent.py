@@ -315,7 +315,7 @@ def test_a_ps_imports_tensorflow_while_its_barrier_waits(
                  what="ps0 to import TensorFlow", timeout=180)  # fmt: skip
     else:
         wait_for(lambda: "preload_tensorflow is false" in ps.log() or None,
-                 what="ps0 to say that TensorFlow starts after the barrier", timeout=60)  # fmt: skip
+                 what="ps0 to put TensorFlow off until the barrier", timeout=60)  # fmt: skip
     assert not ps.tf_config_path.exists()  # the barrier has not passed: worker0 is not up
     worker = make_agent(tmp_path, stack, role="worker", launch_index=0, ip="127.0.36.2", **options)
     agents.append(worker)
