@@ -19,7 +19,7 @@ from tfcluster.cloudinit.cloud.aws_errors import translate_errors
 from tfcluster.cloudinit.cloud.ec2 import Ec2Provider
 from tfcluster.cloudinit.cloud.provider import RUNNING, BucketStore, NodeProvider, ProviderError
 from tfcluster.cloudinit.observe import outputs, view, wait
-from tfcluster.cloudinit.observe.status import StatusRow
+from tfcluster.cloudinit.observe.status import NO_REPORT, StatusRow
 from tfcluster.cloudinit.terminal import cluster_option, one_line_errors, table, time_left
 from tfcluster.discovery.records import ROLES
 
@@ -82,11 +82,24 @@ def _hint(cluster: str, local: bool = False) -> str:
     )
 
 
+def _echo_log(row: StatusRow) -> None:
+    """The last log lines an agent reported, to stderr."""
+    lines = row.log[-wait.LOG_LINES_SHOWN :]
+    click.echo(
+        f"last log lines of {row.name}:" if lines else f"{row.name} reported no log lines",
+        err=True,
+    )
+    for line in lines:
+        click.echo(f"  {line}", err=True)
+
+
 def _describe(row: StatusRow) -> str:
     """``BARRIER (waiting for worker1), heartbeat 4s`` for a stuck agent."""
     text = row.state
     if row.detail:
         text += f" ({row.detail})"
+    if row.state == NO_REPORT:
+        text += " (its agent never wrote a report: the instance's console output tells why)"
     if row.exit_code is not None:
         text += f", agent exit code {row.exit_code}"
     if row.program not in ("-", ""):
@@ -141,13 +154,13 @@ def wait_until_ready(
                 f"({instance or 'no instance'}) is {_describe(row)}",
                 err=True,
             )
-            lines = row.log[-wait.LOG_LINES_SHOWN :]
-            click.echo(
-                f"last log lines of {row.name}:" if lines else f"{row.name} reported no log lines",
-                err=True,
-            )
-            for line in lines:
-                click.echo(f"  {line}", err=True)
+            if row.state != NO_REPORT:
+                _echo_log(row)
+            waiting = [r for r in snapshot.rows if row.name in r.waiting_for] if snapshot else []
+            if waiting:
+                names = ", ".join(r.name for r in waiting)
+                click.echo(f"waiting for {row.name} at their barrier: {names}", err=True)
+                _echo_log(waiting[-1])
             click.echo(_hint(cluster, local), err=True)
         raise SystemExit(terminal.EXIT_PROVIDER) from None
     except ProviderError as exc:

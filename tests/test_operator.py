@@ -34,11 +34,12 @@ from click.testing import CliRunner
 from moto.ec2.models.amis import AMIS
 
 from controlled_moto import ControlledMoto, fake_aws_env, running, s3_client, use_fake_aws
+from harness import AgentProcess, make_agent
 from tfcluster.cloudinit import cli
 from tfcluster.cloudinit.localcloud.parts import split_user_data
 from tfcluster.cloudinit.observe import outputs, policy, view, wait
 from tfcluster.cloudinit.observe.status import StatusRow
-from tfcluster.discovery.agent_config import AgentConfig, parse_agent_config
+from tfcluster.discovery.agent_config import AgentConfig, dump_agent_config, parse_agent_config
 from tfcluster.discovery.records import Member
 from tfcluster.discovery.report import PostTarget, Reporter, post_object, reporter_for
 from tfcluster.discovery.waiting import wait_for
@@ -269,6 +270,52 @@ def test_up_that_times_out_names_the_stuck_instance_and_its_last_log_lines(serve
     assert "barrier: 3/4 resolve, missing ps1 (try 14)" in err
     assert "(try 4)" not in err  # the last 10 lines only
     assert "tfcluster status --cluster demo" in err and "tfcluster down --cluster demo" in err
+    assert len(instances(server)) == 4  # not torn down
+
+
+def test_up_names_the_peer_that_never_started_and_the_agents_stuck_waiting_for_it(
+    server, env, tmp_path, stack, clean_cluster
+):
+    """Real agents this time (each with its IMDS emulator, against the local etcd
+    and CoreDNS), writing their reports with the POST `up` signed for their
+    launch. worker1's instance runs but its agent never starts, so the other
+    three cannot pass their barrier: `up` exits 1 within its timeout, names
+    worker1 and its instance, and says who waits for it, with the last log
+    lines of one of them."""
+    proc = start(env, "up", "--config", str(write_config(tmp_path)), "--endpoint-url",
+                 server.url, "--timeout", "25")  # fmt: skip
+    configs = launched(server)
+    launched_ids = {label: i["InstanceId"] for label, i in instances(server).items()}
+    agents: list[AgentProcess] = []
+    try:
+        for n, member in enumerate(MEMBERS):
+            if member.label == "worker1":
+                continue  # its instance runs; its agent never starts
+            signed = dump_agent_config(configs[member.label])["report_post"]
+            agent = make_agent(
+                tmp_path, stack, role=member.role, launch_index=member.index,
+                ip=f"127.0.39.{n + 1}", roles={"chief": 1, "ps": 1, "worker": 2},
+                instance_id=launched_ids[member.label], barrier_timeout=120,
+                raw={"report_post": signed, "report_heartbeat": 2},
+            )  # fmt: skip
+            agents.append(agent.start())
+        began = time.monotonic()
+        code, _out, err = finish(proc)
+        seconds = time.monotonic() - began
+        logs = {agent.name: agent.log() for agent in agents}
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert code == 1, err
+    assert seconds < 25 + 20
+    (line,) = errors(err)
+    assert "not ready after 25 s" in line
+    assert f"worker1 ({launched_ids['worker1']}) is NO REPORT" in line
+    assert "worker1 reported no log lines" not in err  # the line above says so already
+    assert "waiting for worker1 at their barrier: chief0, ps0, worker0" in err, (err, logs)
+    shown = err.split("last log lines of worker0:\n", 1)[1].splitlines()
+    assert any("waiting for worker1" in entry for entry in shown), (err, logs)
+    assert "tfcluster down --cluster demo" in err
     assert len(instances(server)) == 4  # not torn down
 
 

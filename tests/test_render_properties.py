@@ -76,7 +76,7 @@ FIELDS: dict[str, str] = {
     "max_lifetime": "12h",
     "url_expiry": "6h",
     "on_chief_exit": "keep",
-    "output_interval": "15m",
+    "output_interval": "20m",  # not the default, which agent.json leaves out
     **{
         f"layout.{f.name}": getattr(DEFAULT_LAYOUT, f.name) or "/opt/venv"
         for f in dataclasses.fields(DEFAULT_LAYOUT)

@@ -65,6 +65,8 @@ class StatusRow:
     """The agent's recent states, oldest first (the report's ``history``)."""
     log_total: int = 0
     """Lines the agent ever logged: how many fell out of ``log`` between two reads."""
+    waiting_for: tuple[str, ...] = ()
+    """At its barrier: the members it does not see yet (the report's ``barrier``)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,9 @@ def row_of(report: AgentReport, now: datetime, stale_factor: float = STALE_FACTO
     raw_history = doc.get("history")
     history: list[Any] = raw_history if isinstance(raw_history, list) else []
     states = tuple(str(h[0]) for h in history if isinstance(h, list) and h)
+    raw_barrier = doc.get("barrier")
+    barrier: dict[str, Any] = raw_barrier if isinstance(raw_barrier, dict) else {}
+    missing = barrier.get("missing") if doc["state"] == "BARRIER" else None
     return StatusRow(
         name=report.name,
         instance_id=doc.get("instance_id"),
@@ -194,6 +199,7 @@ def row_of(report: AgentReport, now: datetime, stale_factor: float = STALE_FACTO
         log=tuple(str(line) for line in log) if isinstance(log, list) else (),
         states=states,
         log_total=doc["log_total"] if isinstance(doc.get("log_total"), int) else 0,
+        waiting_for=tuple(str(name) for name in missing) if isinstance(missing, list) else (),
     )
 
 

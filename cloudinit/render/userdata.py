@@ -333,10 +333,11 @@ def _power_off_by_sudo(config: ClusterConfig, role: str, layout: Layout) -> bool
 
 
 def _quote(value: str) -> str:
-    """``shlex.quote``, and quotes too around a bare word with ``+`` (``python+3``),
-    which shellcheck reads as attempted arithmetic (SC2100)."""
+    """``shlex.quote``, and quotes too around a bare word with ``+`` or ``-``
+    (``python+3``, ``python-3``), which shellcheck reads as attempted
+    arithmetic (SC2100)."""
     quoted = shlex.quote(value)
-    return f"'{value}'" if quoted == value and "+" in value else quoted
+    return f"'{value}'" if quoted == value and ("+" in value or "-" in value) else quoted
 
 
 def _duration(seconds: int | None) -> str:
