@@ -538,7 +538,7 @@ def test_the_local_image_adapter_names_its_packages_and_keeps_pip_off_the_index(
     assert "--no-index" not in script_of(config, "worker", etcd_endpoints=ETCD)
     layout = dataclasses.replace(sandbox.layout, image_site_packages="/srv/image/site-packages")
     script = script_of(config, "worker", etcd_endpoints=ETCD, layout=layout)
-    assert "\nimage_site_packages=/srv/image/site-packages\n" in script
+    assert "\nimage_site_packages='/srv/image/site-packages'\n" in script
     assert 'echo "$image_site_packages" > "$site/tfcluster-image.pth"' in script
     assert "--no-index --constraint" in script
 
