@@ -1,12 +1,13 @@
 // Command barrierload drives the barrier's server path against a real etcd
 // and a real CoreDNS, with N cheap agents in one Go process:
 //
-//	barrierload server-path -etcd URL -dns HOST:PORT -n N [-runs R]
+//	barrierload server-path -etcd URL -dns HOST:PORT -n N [-runs R] [-wire gateway|grpc]
 //	barrierload fill -etcd URL -n N
 //	barrierload load -dns HOST:PORT -name NAME -type SRV [-c 8] [-duration 3s]
 //
-// server-path: N−1 members are claimed; N agent watches (one etcd watch
-// stream each, as each agent holds) and N stand-in plugin watches (the
+// server-path: N−1 members are claimed; N agent watches (each through etcd's
+// JSON gateway on its own HTTP connection, as discovery/watch.py does;
+// -wire grpc for gRPC streams instead) and N stand-in plugin watches (the
 // stream each instance's CoreDNS holds on the zone prefix) are opened; then
 // the last member is claimed. Each agent records when its watch shows every
 // member, then sends one SRV query as the agent does (TCP at once when the
@@ -28,11 +29,16 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/binary"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"sort"
 	"strconv"
@@ -49,6 +55,7 @@ type config struct {
 	etcd, dnsAddr, path, zone string
 	n, runs                   int
 	standins                  bool
+	wire                      string
 	timeout                   time.Duration
 }
 
@@ -66,6 +73,7 @@ func main() {
 	fs.IntVar(&c.n, "n", 8, "cluster size")
 	fs.IntVar(&c.runs, "runs", 3, "barriers to time")
 	fs.BoolVar(&c.standins, "standins", true, "open N plugin watches besides the real CoreDNS's")
+	fs.StringVar(&c.wire, "wire", "gateway", "the agents' watches: gateway (etcd's JSON gateway, as the agent) or grpc")
 	fs.DurationVar(&c.timeout, "timeout", 60*time.Second, "bound on each barrier")
 	name := fs.String("name", "", "load: the name to ask")
 	qtype := fs.String("type", "SRV", "load: the query type")
@@ -320,7 +328,6 @@ func (c config) onePath(cli *clientv3.Client, pool []*clientv3.Client, names []s
 // agent is one instance's barrier on the wire: a watch on the membership
 // prefix (its own stream), then one SRV query once every member is in etcd.
 func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, ready *sync.WaitGroup) agentResult {
-	ctx = metadata.AppendToOutgoingContext(ctx, "tfcluster-agent", strconv.Itoa(id))
 	signalled := false
 	signal := func() {
 		if !signalled {
@@ -329,39 +336,13 @@ func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, read
 		}
 	}
 	defer signal()
-	resp, err := cli.Get(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	watchSet := c.watchGRPC
+	if c.wire == "gateway" {
+		watchSet = c.watchGateway
+	}
+	seen, revision, err := watchSet(ctx, cli, id, n, signal)
 	if err != nil {
-		return agentResult{err: err}
-	}
-	present := map[string]bool{}
-	for _, kv := range resp.Kvs {
-		present[string(kv.Key)] = true
-	}
-	watch := cli.Watch(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1), clientv3.WithCreatedNotify())
-	var seen time.Time
-	var revision int64 // mod_revision of the claim that completed the set
-	for wr := range watch {
-		if wr.Created {
-			signal()
-			continue
-		}
-		if err := wr.Err(); err != nil {
-			return agentResult{err: err}
-		}
-		for _, ev := range wr.Events {
-			revision = max(revision, ev.Kv.ModRevision)
-			present[string(ev.Kv.Key)] = ev.Type == clientv3.EventTypePut
-			if ev.Type == clientv3.EventTypeDelete {
-				delete(present, string(ev.Kv.Key))
-			}
-		}
-		if len(present) == n {
-			seen = time.Now()
-			break
-		}
-	}
-	if seen.IsZero() {
-		return agentResult{err: fmt.Errorf("agent %d: watch ended before every member was in etcd", id)}
+		return agentResult{err: fmt.Errorf("agent %d: %w", id, err)}
 	}
 	network := "udp"
 	if !fitsUDP(n, isLoopback(c.dnsAddr)) {
@@ -386,6 +367,141 @@ func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, read
 		time.Sleep(settle)
 		settle *= 2
 	}
+}
+
+// watchGRPC lists the membership prefix, then follows it with a gRPC watch
+// of its own until every member is in etcd: when, and at which revision.
+func (c config) watchGRPC(ctx context.Context, cli *clientv3.Client, id, n int, created func()) (time.Time, int64, error) {
+	ctx = metadata.AppendToOutgoingContext(ctx, "tfcluster-agent", strconv.Itoa(id))
+	resp, err := cli.Get(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return time.Time{}, 0, err
+	}
+	present := map[string]bool{}
+	for _, kv := range resp.Kvs {
+		present[string(kv.Key)] = true
+	}
+	watch := cli.Watch(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1), clientv3.WithCreatedNotify())
+	var revision int64 // mod_revision of the claim that completed the set
+	for wr := range watch {
+		if wr.Created {
+			created()
+			continue
+		}
+		if err := wr.Err(); err != nil {
+			return time.Time{}, 0, err
+		}
+		for _, ev := range wr.Events {
+			revision = max(revision, ev.Kv.ModRevision)
+			if ev.Type == clientv3.EventTypeDelete {
+				delete(present, string(ev.Kv.Key))
+			} else {
+				present[string(ev.Kv.Key)] = true
+			}
+		}
+		if len(present) == n {
+			return time.Now(), revision, nil
+		}
+	}
+	return time.Time{}, 0, fmt.Errorf("watch ended before every member was in etcd")
+}
+
+// gatewayEvent is one event of etcd's JSON gateway: int64s come as strings.
+type gatewayEvent struct {
+	Type string `json:"type"`
+	Kv   struct {
+		Key         string `json:"key"`
+		ModRevision int64  `json:"mod_revision,string"`
+	} `json:"kv"`
+}
+
+// watchGateway does what discovery/watch.py does: a keys-only range, then a
+// watch through etcd's JSON gateway (POST /v3/watch, one HTTP connection of
+// its own, one JSON object per line).
+func (c config) watchGateway(ctx context.Context, _ *clientv3.Client, _, n int, created func()) (time.Time, int64, error) {
+	prefix := c.srvPrefix()
+	key := base64.StdEncoding.EncodeToString([]byte(prefix))
+	end := base64.StdEncoding.EncodeToString(prefixEnd(prefix))
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	post := func(path string, body any) (*http.Response, error) {
+		data, _ := json.Marshal(body)
+		req, err := http.NewRequestWithContext(ctx, "POST", strings.TrimRight(c.etcd, "/")+path, bytes.NewReader(data))
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		return client.Do(req)
+	}
+	resp, err := post("/v3/kv/range", map[string]any{"key": key, "range_end": end, "keys_only": true})
+	if err != nil {
+		return time.Time{}, 0, err
+	}
+	var listed struct {
+		Header struct {
+			Revision int64 `json:"revision,string"`
+		} `json:"header"`
+		Kvs []struct {
+			Key string `json:"key"`
+		} `json:"kvs"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&listed)
+	resp.Body.Close()
+	if err != nil {
+		return time.Time{}, 0, fmt.Errorf("range: %w", err)
+	}
+	present := map[string]bool{}
+	for _, kv := range listed.Kvs {
+		present[kv.Key] = true
+	}
+	create := map[string]any{"key": key, "range_end": end, "start_revision": listed.Header.Revision + 1}
+	stream, err := post("/v3/watch", map[string]any{"create_request": create})
+	if err != nil {
+		return time.Time{}, 0, err
+	}
+	defer stream.Body.Close()
+	lines := json.NewDecoder(bufio.NewReader(stream.Body))
+	var revision int64
+	for {
+		var message struct {
+			Result struct {
+				Created  bool           `json:"created"`
+				Canceled bool           `json:"canceled"`
+				Events   []gatewayEvent `json:"events"`
+			} `json:"result"`
+		}
+		if err := lines.Decode(&message); err != nil {
+			return time.Time{}, 0, fmt.Errorf("watch ended before every member was in etcd: %w", err)
+		}
+		if message.Result.Created {
+			created()
+		}
+		if message.Result.Canceled {
+			return time.Time{}, 0, fmt.Errorf("watch canceled")
+		}
+		for _, ev := range message.Result.Events {
+			revision = max(revision, ev.Kv.ModRevision)
+			if ev.Type == "DELETE" {
+				delete(present, ev.Kv.Key)
+			} else {
+				present[ev.Kv.Key] = true
+			}
+		}
+		if len(present) == n {
+			return time.Now(), revision, nil
+		}
+	}
+}
+
+// prefixEnd is etcd's range_end for every key starting with prefix.
+func prefixEnd(prefix string) []byte {
+	end := []byte(prefix)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1]
+		}
+	}
+	return []byte{0}
 }
 
 // header is what the server path reads of an answer: its section counts.
