@@ -10,7 +10,8 @@ States and transitions (``Agent.run`` walks them in order)::
                under a fresh lease                   -> BARRIER
                name held by another live instance    -> exit 4, nothing written
                etcd unreachable past claim_timeout   -> exit 6, nothing written
-    BARRIER    one SRV query per poll, woken by an etcd watch, then
+    BARRIER    one SRV query, held by tfzone until every member is
+               registered (asked again each 2 s hold), then
                getaddrinfo for every peer            -> CONFIGURE
                barrier_timeout                       -> revoke, exit 5
     CONFIGURE  write TF_CONFIG (names or addresses)  -> SERVE
@@ -72,7 +73,6 @@ from tfcluster.discovery.registry import EtcdUnavailable, NameTaken, Registry, R
 from tfcluster.discovery.report import LogTail, PostTarget, Reporter, reporter_for
 from tfcluster.discovery.tfconfig import build_cluster_spec, write_tf_config
 from tfcluster.discovery.waiting import WaitTimeout, wait_for
-from tfcluster.discovery.watch import MembershipWatch
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,7 @@ class Agent:
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.barrier_passed = threading.Event()
-        # Wake-ups: the barrier's (a peer claimed, or shutdown) and the keepalive
-        # loop's (shutdown, the barrier passed, the child exited).
-        self._barrier_wake = threading.Event()
+        # Wakes the keepalive loop: shutdown, the barrier passed, the child exited.
         self._nudge = threading.Event()
         self._lost_name: str | None = None
         # Reports (only with report_post): the log tail collects from the start.
@@ -163,7 +161,6 @@ class Agent:
     def shutdown(self) -> None:
         """Stop soon: safe from a signal handler or another thread."""
         self.stopping.set()
-        self._barrier_wake.set()
         self._nudge.set()
 
     def run(self) -> AgentResult:
@@ -336,25 +333,14 @@ class Agent:
 
     def _barrier(self, identity: Identity) -> dict[records.Member, Endpoint]:
         expected = self.config.members()
-        watch = MembershipWatch(
-            self.config.etcd_endpoints[0],
-            self.config.cluster,
-            self.config.zone,
-            expected,
-            self._barrier_wake,
-        )
-        watch.start()
-        if self.reporter is not None:
-            self.reporter.follow_barrier(watch.progress)
         barrier = Barrier(
             self.dns,
             self.config.zone,
             expected,
             check_system_resolver=self.config.check_system_resolver,
-            wake=self._barrier_wake,
-            etcd_missing=watch.missing,
-            etcd_revision=watch.revision,
         )
+        if self.reporter is not None:
+            self.reporter.follow_barrier(barrier.progress)
         # The lease must be kept alive while we wait: the barrier may outlast it.
         keeper = threading.Thread(
             target=self._keep_alive_until, args=(identity, self.barrier_passed.is_set), daemon=True
@@ -377,7 +363,6 @@ class Agent:
                 self.reporter.follow_barrier(None)
                 if passed:
                     self.reporter.barrier(len(expected), len(expected), [])
-            watch.stop()
 
     def _configure(self, identity: Identity, members: dict[records.Member, Endpoint]) -> None:
         spec = build_cluster_spec(

@@ -1,36 +1,39 @@
 """Wait until every expected peer resolves through CoreDNS.
 
-One poll is ONE SRV query for ``_tensorflow._tcp.<zone>``: its cost to this
-agent does not grow with the cluster. The barrier is woken by a peer's claim
-(``wake``, set from an etcd watch on the membership prefix) and otherwise
-backs off from ``interval`` to ``max_interval``. While the watch can tell that
-etcd does not hold every member yet (``etcd_missing`` names someone), the
-barrier does not ask CoreDNS at all: each agent asks about once, not once per
-peer's claim, and never caches an incomplete set in CoreDNS for the others.
-A broken watch names nobody, so the barrier falls back to polling DNS.
-Every agent learns of the last claim at the same moment and asks at once:
-CoreDNS (the tfzone plugin) answers from memory, so there is no cache to
-warm and nothing to spread out. ``spread`` (default 0) can still delay each
-agent by a random fraction of it, for a name server that builds each answer
-from etcd. The query goes over TCP at once when the expected members cannot
-fit in a UDP answer, so each poll is one query. CoreDNS follows etcd through
-its own watch, a moment behind: the question carries the etcd revision at
-which this agent saw the set complete (``etcd_revision``), and tfzone
-answers once its own watch has reached it. Should an answer still lack a
-member that etcd holds, the barrier asks again after ``settle`` (doubling),
-not after the ordinary back-off.
+One poll is ONE SRV query for ``_tensorflow._tcp.<zone>`` to the instance's
+own CoreDNS: its cost to this agent does not grow with the cluster. The
+question carries tfzone's hold option (``coredns/tfzone``: EDNS0 65002,
+"answer once this many members are registered, at most ``hold`` seconds"),
+so the agent holds no etcd watch of its own: tfzone already follows etcd,
+and answers the held question the moment its watch delivers the last claim.
+On a cluster of N instances etcd then feeds N watch streams (one per
+instance's CoreDNS), not 2N.
 
-The barrier passes when the SRV answer lists every expected member, and then
-- unless turned off for hosts whose system resolver does not use CoreDNS -
-when ``getaddrinfo`` (what TensorFlow's gRPC uses) returns each peer's address
-from that answer. The system resolver is asked only after the SRV answer is
-complete, so it never caches a denial for a peer that has not registered yet.
+States of ``wait``:
+
+    ASK      send the held question                -> COMPLETE, INCOMPLETE, ERROR
+    INCOMPLETE  the hold ran out (a peer is still missing): ASK again at once;
+             an answer well before the hold (a server that does not hold,
+             or a stale record filling the count): back off, then ASK
+    ERROR    no answer (CoreDNS not up yet, or restarting): back off
+             (``interval`` doubling to ``max_interval``), then ASK
+    COMPLETE every expected member is in the answer; unless turned off
+             (hosts whose system resolver does not use CoreDNS),
+             ``getaddrinfo`` - what TensorFlow's gRPC uses - must return
+             each peer's address from that answer, else back off and ASK.
+             The system resolver is asked only after the SRV answer is
+             complete, so it never caches a denial for a peer that has not
+             registered yet.                        -> PASSED
+    any state past the deadline                     -> BarrierTimeout, naming
+             the members still missing
+
+When ``stop`` is set (the agent's shutdown), ``wait`` raises
+``InterruptedError`` at once, in a back-off or in a held question.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 import time
@@ -71,15 +74,10 @@ class Barrier:
         expected: Iterable[Member],
         *,
         check_system_resolver: bool = True,
-        wake: threading.Event | None = None,
-        etcd_missing: Callable[[], list[str]] | None = None,
-        etcd_revision: Callable[[], int] | None = None,
+        hold: float = 10.0,
         interval: float = 0.1,
         max_interval: float = 2.0,
         progress_every: float = 10.0,
-        spread: float = 0.0,
-        settle: float = 0.005,
-        rng: random.Random | None = None,
         resolve: Callable[[str, int], set[str]] = system_resolves,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -87,46 +85,45 @@ class Barrier:
         self.zone = zone
         self.expected = frozenset(expected)
         self.check_system_resolver = check_system_resolver
-        self.wake = wake if wake is not None else threading.Event()
-        self.etcd_missing = etcd_missing
-        self.etcd_revision = etcd_revision
+        self.hold = hold
         self.interval = interval
         self.max_interval = max_interval
         self.progress_every = progress_every
-        self.spread = spread
-        self.settle = settle
-        self.rng = rng if rng is not None else random.Random()
         self.resolve = resolve
         self.now = now
         self.polls = 0
+        self._missing: list[str] | None = None  # None: no answer yet
+        self._lock = threading.Lock()
+
+    def progress(self) -> tuple[int, int, list[str]] | None:
+        """(expected members registered, expected, the missing labels) from
+        the last answer, for the agent's report; None before any answer."""
+        with self._lock:
+            missing = None if self._missing is None else list(self._missing)
+        if missing is None:
+            return None
+        return len(self.expected) - len(missing), len(self.expected), missing
 
     def wait(self, timeout: float, stop: threading.Event | None = None) -> dict[Member, Endpoint]:
         """Return every expected member's endpoint, or raise ``BarrierTimeout``.
 
         ``stop`` (set by a signal handler) ends the wait early with
-        ``InterruptedError``.
+        ``InterruptedError``, a held question included.
         """
+        stop = stop if stop is not None else threading.Event()
         deadline = self.now() + timeout
         next_progress = self.now() + self.progress_every
         delay = self.interval
-        not_before: float | None = None  # set once etcd holds every member
         missing: list[str] = sorted(m.label for m in self.expected)
-        behind = 0  # answers from CoreDNS that lacked members etcd holds
         while True:
-            self.wake.clear()
-            now = self.now()
-            absent_in_etcd = self.etcd_missing() if self.etcd_missing is not None else []
-            if not_before is None and not absent_in_etcd:
-                not_before = now + (self.rng.uniform(0, self.spread) if self.spread > 0 else 0.0)
-            if absent_in_etcd:
-                missing = absent_in_etcd
-            elif not_before is not None and now >= not_before:
-                found, missing = self._poll()
-                if found is not None:
-                    log.info("barrier passed: all %d members resolve", len(self.expected))
-                    return found
-                if self.etcd_missing is not None:
-                    behind += 1
+            if stop.is_set():
+                raise InterruptedError("barrier interrupted")
+            asked = self.now()
+            hold = max(0.0, min(self.hold, deadline - asked))
+            found, missing, answered = self._poll(hold, stop)
+            if found is not None:
+                log.info("barrier passed: all %d members resolve", len(self.expected))
+                return found
             now = self.now()
             if now >= deadline:
                 raise BarrierTimeout(timeout, missing)
@@ -136,36 +133,37 @@ class Barrier:
                     len(self.expected) - len(missing), len(self.expected), ", ".join(missing),
                 )  # fmt: skip
                 next_progress = now + self.progress_every
-            pause = min(delay, deadline - now)
-            if not_before is not None and now < not_before:
-                pause = min(pause, not_before - now)
-            elif behind and self.etcd_missing is not None and not self.etcd_missing():
-                pause = min(pause, self.settle * 2 ** min(behind - 1, 10))
-            woken = self.wake.wait(pause)
-            if stop is not None and stop.is_set():
+            if answered and hold > 0 and now - asked >= hold / 2:
+                delay = self.interval  # held as asked: ask again at once
+                continue
+            if stop.wait(min(delay, deadline - now)):
                 raise InterruptedError("barrier interrupted")
-            delay = self.interval if woken else min(delay * 2, self.max_interval)
+            delay = min(delay * 2, self.max_interval)
 
-    def _poll(self) -> tuple[dict[Member, Endpoint] | None, list[str]]:
-        """(all endpoints, []) when the barrier holds, else (None, missing labels)."""
+    def _poll(
+        self, hold: float, stop: threading.Event
+    ) -> tuple[dict[Member, Endpoint] | None, list[str], bool]:
+        """(all endpoints, [], True) when the barrier holds, else (None,
+        missing labels, whether CoreDNS answered the set it has)."""
         self.polls += 1
         try:
-            revision = self.etcd_revision() if self.etcd_revision is not None else None
             members = self.dns.members(
-                self.zone, expected=len(self.expected), min_revision=revision
+                self.zone, expected=len(self.expected), hold=hold, interrupt=stop
             )
         except DNSQueryError as exc:
             log.debug("barrier poll failed: %s", exc)
-            return None, sorted(m.label for m in self.expected)
+            return None, sorted(m.label for m in self.expected), False
         missing = sorted(m.label for m in self.expected - members.keys())
+        with self._lock:
+            self._missing = missing
         if missing:
-            return None, missing
+            return None, missing, True
         found = {m: members[m] for m in self.expected}
         if self.check_system_resolver:
             unresolved = self._unresolved_by_system(found)
             if unresolved:
-                return None, [f"{label} (system resolver)" for label in unresolved]
-        return dict(sorted(found.items())), []
+                return None, [f"{label} (system resolver)" for label in unresolved], False
+        return dict(sorted(found.items())), [], True
 
     def _unresolved_by_system(self, found: Mapping[Member, Endpoint]) -> list[str]:
         return sorted(

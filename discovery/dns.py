@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -49,9 +51,12 @@ _SRV_FIXED = struct.Struct("!HHH")
 # record and one glue A record (77 bytes measured with dig at 64 members,
 # room left for long labels). A server that packs more loosely still gets
 # a truncated UDP answer followed by TCP: a second query, never a wrong one.
-# The tfzone plugin's EDNS0 option (local use range): "answer from a view at
-# this etcd revision or later" (8 bytes, big endian); see coredns/tfzone.
-REVISION_OPTION = 65001
+# The tfzone plugin's EDNS0 option (local use range): "hold this question
+# until at least N records are at or below its name, at most T ms" (two
+# uint32, big endian); see coredns/tfzone. Other servers ignore it.
+MEMBERS_OPTION = 65002
+INTERRUPT_SLICE = 0.05
+"""Seconds between looks at ``interrupt`` while a reply is awaited."""
 _ANSWER_OVERHEAD = 96
 _BYTES_PER_MEMBER = 96
 
@@ -143,28 +148,37 @@ class DNSClient:
         return reply
 
     def ask_raw(
-        self, name: str, qtype: str, tcp: bool = False, min_revision: int | None = None
+        self,
+        name: str,
+        qtype: str,
+        tcp: bool = False,
+        hold: tuple[int, float] | None = None,
+        interrupt: threading.Event | None = None,
     ) -> bytes:
         """The raw reply to one question: over UDP, then TCP if truncated (or
         over TCP at once); raises DNSAnswerTooLarge if TCP truncates too.
-        ``min_revision`` asks tfzone for an answer reflecting at least that
-        etcd revision (other servers ignore the option)."""
-        deadline = time.monotonic() + self.timeout
+        ``hold`` (N records, seconds) asks tfzone to answer once N records
+        are at or below the name, or when the seconds are up; the question's
+        time bound grows by those seconds. ``interrupt``, once set, ends the
+        wait for the reply with InterruptedError (within 50 ms)."""
+        deadline = time.monotonic() + self.timeout + (hold[1] if hold else 0.0)
         request = dnslib.DNSRecord.question(name, qtype)
-        if self.edns_buffer is not None or min_revision:
+        if self.edns_buffer is not None or hold:
             opts = []
-            if min_revision:
-                opts.append(dnslib.EDNSOption(REVISION_OPTION, struct.pack("!Q", min_revision)))
+            if hold:
+                wanted, seconds = hold
+                data = struct.pack("!II", wanted, round(seconds * 1000))
+                opts.append(dnslib.EDNSOption(MEMBERS_OPTION, data))
             request.add_ar(dnslib.EDNS0(udp_len=self.edns_buffer or 512, opts=opts))
         if tcp or (name, qtype) in self._tcp_names:
-            packet = self._exchange_tcp(request, deadline)
+            packet = self._exchange_tcp(request, deadline, interrupt)
         else:
-            packet = self._exchange_udp(request, deadline)
+            packet = self._exchange_udp(request, deadline, interrupt)
             if _truncated(packet):
                 log.debug("%s %s: truncated over UDP, asking over TCP", qtype, name)
                 self.tcp_retries += 1
                 self._tcp_names.add((name, qtype))
-                packet = self._exchange_tcp(request, deadline)
+                packet = self._exchange_tcp(request, deadline, interrupt)
         if _truncated(packet):
             raise DNSAnswerTooLarge(f"{qtype} {name}: the answer exceeds 64 KiB even over TCP")
         return packet
@@ -175,22 +189,31 @@ class DNSClient:
         return [str(rr.rdata) for rr in reply.rr if rr.rtype == dnslib.QTYPE.A]
 
     def members(
-        self, zone: str, expected: int | None = None, min_revision: int | None = None
+        self,
+        zone: str,
+        expected: int | None = None,
+        hold: float = 0.0,
+        interrupt: threading.Event | None = None,
     ) -> dict[Member, Endpoint]:
         """Every registered member of the cluster, from one SRV query, sorted.
 
         ``expected`` (the cluster's size, when known) sends the query over
-        TCP at once if that many members cannot fit in a UDP answer;
-        ``min_revision`` (the etcd revision at which the caller saw the
-        last claim) makes tfzone answer only once its own watch reached it.
-        SRV targets that are not member names, and targets without a glue
-        address, are skipped: they are not servers TensorFlow can dial.
+        TCP at once if that many members cannot fit in a UDP answer; with
+        ``hold`` seconds too, tfzone holds the question until that many
+        members are registered (or the seconds are up), so one question
+        waits for the last claim (``interrupt`` ends that wait early). SRV
+        targets that are not member names, and
+        targets without a glue address, are skipped: they are not servers
+        TensorFlow can dial.
         """
         tcp = expected is not None and not fits_udp(self.edns_buffer, expected)
         name = records.srv_name(zone)
-        return members_from_reply(self.ask_raw(name, "SRV", tcp, min_revision), name)
+        held = (expected, hold) if expected and hold > 0 else None
+        return members_from_reply(self.ask_raw(name, "SRV", tcp, held, interrupt), name)
 
-    def _exchange_udp(self, request: dnslib.DNSRecord, deadline: float) -> bytes:
+    def _exchange_udp(
+        self, request: dnslib.DNSRecord, deadline: float, interrupt: threading.Event | None
+    ) -> bytes:
         with socket.socket(_family(self.server[0]), socket.SOCK_DGRAM) as sock:
             try:
                 # Connected: the kernel drops datagrams from other sources and
@@ -200,25 +223,32 @@ class DNSClient:
                 sock.send(request.pack())
                 self.queries_sent += 1
                 while True:
-                    sock.settimeout(_remaining(deadline))
+                    _readable(sock, deadline, interrupt)
                     packet = sock.recv(65535)
                     if _answers(packet, request):
                         return packet
             except TimeoutError:
                 raise _timeout(request, self.server) from None
+            except InterruptedError:
+                raise
             except OSError as exc:
                 raise DNSConnectionError(f"{_describe(request)} via {self.server}: {exc}") from exc
 
-    def _exchange_tcp(self, request: dnslib.DNSRecord, deadline: float) -> bytes:
+    def _exchange_tcp(
+        self, request: dnslib.DNSRecord, deadline: float, interrupt: threading.Event | None
+    ) -> bytes:
         packet = request.pack()
         try:
             with socket.create_connection(self.server, timeout=_remaining(deadline)) as sock:
                 sock.sendall(_TCP_LENGTH.pack(len(packet)) + packet)
                 self.queries_sent += 1
-                (length,) = _TCP_LENGTH.unpack(_recv_exactly(sock, 2, deadline, request))
-                packet = _recv_exactly(sock, length, deadline, request)
+                head = _recv_exactly(sock, 2, deadline, request, interrupt)
+                (length,) = _TCP_LENGTH.unpack(head)
+                packet = _recv_exactly(sock, length, deadline, request, interrupt)
         except TimeoutError:
             raise _timeout(request, self.server) from None
+        except InterruptedError:
+            raise
         except OSError as exc:
             raise DNSConnectionError(f"{_describe(request)} via {self.server}: {exc}") from exc
         if not _answers(packet, request):
@@ -374,16 +404,33 @@ def _name_length(packet: bytes, offset: int) -> int:
 
 
 def _recv_exactly(
-    sock: socket.socket, size: int, deadline: float, request: dnslib.DNSRecord
+    sock: socket.socket,
+    size: int,
+    deadline: float,
+    request: dnslib.DNSRecord,
+    interrupt: threading.Event | None,
 ) -> bytes:
     chunks = bytearray()
     while len(chunks) < size:
-        sock.settimeout(_remaining(deadline))
+        _readable(sock, deadline, interrupt)
         chunk = sock.recv(size - len(chunks))
         if not chunk:
             raise DNSBadReply(f"{_describe(request)}: server closed the TCP connection")
         chunks += chunk
     return bytes(chunks)
+
+
+def _readable(sock: socket.socket, deadline: float, interrupt: threading.Event | None) -> None:
+    """Set the socket's timeout for the next read: the time left, or with
+    ``interrupt``, waits in 50 ms slices until the socket has data (a held
+    question can take seconds), raising InterruptedError once it is set."""
+    if interrupt is None:
+        sock.settimeout(_remaining(deadline))
+        return
+    while not select.select([sock], [], [], min(_remaining(deadline), INTERRUPT_SLICE))[0]:
+        if interrupt.is_set():
+            raise InterruptedError("DNS question interrupted")
+    sock.settimeout(_remaining(deadline))
 
 
 def _remaining(deadline: float) -> float:

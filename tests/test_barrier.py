@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
+import time
 
 import pytest
 
-from conftest import TEST_CLUSTER, TEST_ZONE, put_members
-from tfcluster.discovery import records
+from conftest import TEST_ZONE, put_members
 from tfcluster.discovery.barrier import Barrier, BarrierTimeout
 from tfcluster.discovery.dns import DNSClient, Endpoint
 from tfcluster.discovery.records import Member, parse_label
 from tfcluster.discovery.waiting import wait_for
-from tfcluster.discovery.watch import MembershipWatch
 
 CLUSTER = {
     Member("ps", 0): Endpoint("127.0.40.1", 2222),
@@ -60,78 +58,72 @@ def test_system_resolver_must_agree_before_passing(stack, etcd, clean_cluster):
     assert sorted(set(asked)) == sorted(m.name(TEST_ZONE) for m in CLUSTER)
 
 
-def test_no_dns_query_while_etcd_lacks_a_member(stack, etcd, clean_cluster):
-    put_members(etcd, CLUSTER)
-    absent = ["worker1"]
-    rounds: list[int] = []  # per round of the barrier: the DNS queries it had sent
+def test_one_held_question_is_answered_by_the_last_claim(stack, etcd, clean_cluster):
+    """No etcd watch in the agent: its question waits in tfzone (hold) and is
+    answered the moment the last member is registered - one query, passed
+    well before the hold ran out."""
+    put_members(etcd, {m: e for m, e in CLUSTER.items() if m.label != "worker1"})
+    b = barrier(stack, hold=20.0)
+    passed: list[tuple[dict, float]] = []
 
-    def etcd_missing() -> list[str]:
-        rounds.append(b.dns.queries_sent)
-        return list(absent)
+    def wait() -> None:
+        found = b.wait(timeout=60)
+        passed.append((found, time.monotonic()))
 
-    wake = threading.Event()
-    # Intervals far longer than the test: only a wake-up sends the barrier round.
-    b = barrier(stack, wake=wake, etcd_missing=etcd_missing, spread=0, interval=30, max_interval=30)
-    passed: list[dict] = []
-    waiter = threading.Thread(target=lambda: passed.append(b.wait(timeout=60)), daemon=True)
+    waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
     try:
-        # Each wake-up comes after the barrier has asked etcd_missing again, so
-        # none is lost: six rounds are the first one and one per wake-up.
-        for woken in range(5):
-            wait_for(
-                lambda n=woken + 1: len(rounds) >= n or None,
-                what=f"barrier round {woken + 1}",
-                timeout=5,
-                interval=0.005,
-            )
-            wake.set()
-        wait_for(lambda: len(rounds) >= 6 or None, what="barrier round 6", timeout=5)
-        assert rounds[:6] == [0] * 6
-        assert b.polls == 0
-    finally:
-        absent.clear()
-        wake.set()
+        wait_for(lambda: b.dns.queries_sent == 1 or None, what="the held question", timeout=5)
+        time.sleep(0.3)  # the scenario: the last instance claims later
+        assert not passed and b.polls == 1  # held, not answered, not asked again
+        assert b.progress() is None  # nothing answered yet
+        claimed = time.monotonic()
+        put_members(etcd, {Member("worker", 1): CLUSTER[Member("worker", 1)]})
         waiter.join(timeout=10)
-    assert passed == [CLUSTER]
+    finally:
+        put_members(etcd, CLUSTER)
+        waiter.join(timeout=30)
+    ((found, at),) = passed
+    assert found == CLUSTER
     assert b.dns.queries_sent == 1
+    assert at - claimed < 5  # the claim answered it, not the 20 s hold
+    assert b.progress() == (3, 3, [])
+
+
+def test_a_hold_that_runs_out_asks_again_and_reports_who_is_missing(stack, etcd, clean_cluster):
+    put_members(etcd, {Member("ps", 0): CLUSTER[Member("ps", 0)]})
+    b = barrier(stack, hold=0.2)
+    with pytest.raises(BarrierTimeout, match=re.escape("still missing: worker0, worker1")):
+        b.wait(timeout=1.5)
+    assert 4 <= b.polls <= 9  # one question per hold, not a busy loop
+    assert b.progress() == (1, 3, ["worker0", "worker1"])
+
+
+def test_a_server_that_does_not_hold_is_polled_with_back_off(stack, etcd, clean_cluster):
+    """A name server without tfzone answers at once: the barrier backs off
+    (interval doubling) instead of asking in a loop."""
+    put_members(etcd, {Member("ps", 0): CLUSTER[Member("ps", 0)]})
+    b = barrier(stack, hold=0.0, interval=0.05, max_interval=0.4)
+    with pytest.raises(BarrierTimeout):
+        b.wait(timeout=1.5)
+    assert 3 <= b.polls <= 10
 
 
 def test_stop_interrupts_the_wait(stack, clean_cluster):
     stop = threading.Event()
     stop.set()
-    wake = threading.Event()
-    wake.set()
     with pytest.raises(InterruptedError):
-        barrier(stack, wake=wake).wait(timeout=10, stop=stop)
+        barrier(stack).wait(timeout=10, stop=stop)
 
 
-def test_membership_watch_follows_claims_and_deletes(stack, etcd, clean_cluster):
-    wake = threading.Event()
-    watch = MembershipWatch(stack.etcd_endpoint, TEST_CLUSTER, TEST_ZONE, CLUSTER, wake)
-    put_members(etcd, {Member("ps", 0): CLUSTER[Member("ps", 0)]})  # before the watch: read
-    watch.start()
-    try:
-        assert sorted(watch.missing()) == sorted(m.label for m in CLUSTER if m.label != "ps0")
-        wake.clear()
-        rest = {m: e for m, e in CLUSTER.items() if m.label != "ps0"}
-        put_members(etcd, rest)  # after: watched
-        wait_for(lambda: True if not watch.missing() else None, what="every claim", timeout=5)
-        assert wake.is_set()
-        path = records.cluster_path(TEST_CLUSTER)
-        etcd.delete(records.srv_key(path, TEST_ZONE, Member("ps", 0)))
-        wait_for(lambda: watch.missing() or None, what="the delete", timeout=5)
-        assert watch.missing() == ["ps0"]
-    finally:
-        watch.stop()
-
-
-def test_membership_watch_without_etcd_names_nobody(clean_cluster):
-    wake = threading.Event()
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
-    watch = MembershipWatch(endpoint, TEST_CLUSTER, TEST_ZONE, CLUSTER, wake, timeout=1.0)
-    watch.start()
-    assert watch.missing() == []  # cannot tell: the barrier polls DNS instead
-    watch.stop()
+def test_stop_ends_a_held_question(stack, etcd, clean_cluster):
+    """The agent's SIGTERM must not wait out a hold: the question is dropped."""
+    put_members(etcd, {Member("ps", 0): CLUSTER[Member("ps", 0)]})
+    b = barrier(stack, hold=20.0)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(InterruptedError):
+        b.wait(timeout=30, stop=stop)
+    assert time.monotonic() - began < 2
+    assert b.polls == 1

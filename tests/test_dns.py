@@ -235,14 +235,12 @@ def test_parse_server_rejects_bad_ports(text):
         dns.parse_server(text)
 
 
-def test_an_answer_at_a_revision_includes_every_write_up_to_it(client, etcd, clean_cluster):
-    # No waiting for CoreDNS here: the question itself asks for the revision.
+def test_a_held_answer_includes_every_write_up_to_the_count(client, etcd, clean_cluster):
+    # No waiting for CoreDNS here: the question itself waits for the 20 members.
     path = records.cluster_path(TEST_CLUSTER)
-    revision = 0
     for i in range(20):
         value = records.record_value(f"127.0.50.{i + 1}", 2222, ttl=5)
-        response = etcd.put(records.srv_key(path, TEST_ZONE, Member("worker", i)), value)
-        revision = response.header.revision
-    found = client.members(TEST_ZONE, expected=20, min_revision=revision)
+        etcd.put(records.srv_key(path, TEST_ZONE, Member("worker", i)), value)
+    found = client.members(TEST_ZONE, expected=20, hold=5.0)
     assert len(found) == 20
     assert client.queries_sent == 1

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/coredns/coredns/plugin"
+	"github.com/coredns/coredns/plugin/etcd/msg"
 	"github.com/coredns/coredns/request"
 
 	"github.com/miekg/dns"
@@ -16,28 +17,35 @@ import (
 // do not exist could otherwise grow it until the next change.
 const maxKept = 4096
 
-// RevisionOption is the EDNS0 option (local use range) by which a client
-// asks for an answer that reflects at least an etcd revision: 8 bytes, big
-// endian. An agent that saw the last member's claim at revision R in its own
-// watch asks with R, and the question waits (at most RevisionWait) for this
-// plugin's watch to reach R, so one question gets the complete answer.
-const RevisionOption = 65001
+// MembersOption is the EDNS0 option (local use range) by which an agent asks
+// for a set of records once it is complete: 8 bytes, big endian, the number
+// of records wanted at or below the question's name (uint32), then how long
+// the question may be held for them in milliseconds (uint32, at most
+// MaxHold). The question is answered the moment the view holds that many,
+// else when the time is up, from the view it has then. An agent waiting at
+// its barrier asks for the membership set with the cluster's size: it holds
+// no etcd watch of its own, and hears of the last claim as soon as this
+// plugin's watch delivers it.
+const MembersOption = 65002
 
-// RevisionWait bounds how long a question waits for a revision.
-const RevisionWait = time.Second
+// MaxHold bounds how long a question is held.
+const MaxHold = 30 * time.Second
 
-// requestedRevision is the revision a request asks for, 0 if none.
-func requestedRevision(r *dns.Msg) int64 {
+// requestedMembers is what a request's MembersOption asks: the records
+// wanted (0: none asked) and how long to hold the question for them.
+func requestedMembers(r *dns.Msg) (int, time.Duration) {
 	opt := r.IsEdns0()
 	if opt == nil {
-		return 0
+		return 0, 0
 	}
 	for _, o := range opt.Option {
-		if local, ok := o.(*dns.EDNS0_LOCAL); ok && local.Code == RevisionOption && len(local.Data) == 8 {
-			return int64(binary.BigEndian.Uint64(local.Data)) // #nosec G115 -- etcd revisions are int64
+		if local, ok := o.(*dns.EDNS0_LOCAL); ok && local.Code == MembersOption && len(local.Data) == 8 {
+			wanted := int(binary.BigEndian.Uint32(local.Data))
+			hold := time.Duration(binary.BigEndian.Uint32(local.Data[4:])) * time.Millisecond
+			return wanted, min(hold, MaxHold)
 		}
 	}
-	return 0
+	return 0, 0
 }
 
 // ServeDNS implements plugin.Handler; it answers as the etcd plugin does
@@ -54,8 +62,8 @@ func (t *TFZone) ServeDNS(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		return plugin.NextOrFailure(t.Name(), t.Next, ctx, w, r)
 	}
 	view := t.view.Load()
-	if want := requestedRevision(r); want > view.rev {
-		view = t.viewAt(ctx, want, RevisionWait)
+	if wanted, hold := requestedMembers(r); wanted > 0 {
+		view = t.viewWith(ctx, msg.Path(state.Name(), t.PathPrefix), wanted, hold)
 	}
 	ctx = context.WithValue(ctx, viewKey{}, view)
 	key := wireKey{r.Question[0].Name, state.QType(), r.IsEdns0() != nil, state.Do(), state.Size()}

@@ -22,10 +22,29 @@ type entry struct {
 // wire holds the packed answers built from this snapshot (see handler.go):
 // it lives and dies with the snapshot, so it never serves an older state.
 type snapshot struct {
-	rev       int64 // the etcd revision the view reflects
 	entries   []entry
 	wire      sync.Map // wireKey -> *keptAnswer
 	keptCount atomic.Int64
+	counts    sync.Map // key -> int: records at or below it (held questions ask often)
+}
+
+// count is the number of records at or below key, as lookup would find them.
+func (s *snapshot) count(key string) int {
+	if n, ok := s.counts.Load(key); ok {
+		return n.(int)
+	}
+	n := 0
+	prefix := strings.TrimSuffix(key, "/") + "/"
+	for i := s.search(prefix); i < len(s.entries) && strings.HasPrefix(s.entries[i].key, prefix); i++ {
+		n++
+	}
+	if n == 0 {
+		if _, ok := s.lookup(key, true); ok {
+			n = 1
+		}
+	}
+	s.counts.Store(key, n)
+	return n
 }
 
 // decode parses a SkyDNS JSON value as the etcd plugin does (plugin/etcd

@@ -65,29 +65,28 @@ func New() *TFZone {
 	return t
 }
 
-// setView replaces the view and wakes the questions waiting for a revision.
+// setView replaces the view and wakes the questions held for a complete set.
 func (t *TFZone) setView(view *snapshot) {
 	t.view.Store(view)
 	next := make(chan struct{})
 	close(*t.changed.Swap(&next))
 }
 
-// viewAt returns a view at revision want or later, waiting at most wait for
-// the watch to deliver it (then the latest view, whatever its revision).
-func (t *TFZone) viewAt(ctx context.Context, want int64, wait time.Duration) *snapshot {
-	var timer <-chan time.Time
+// viewWith returns the first view holding at least wanted records at or
+// below key, waiting at most hold for the watch to deliver it (then the
+// latest view, whatever it holds).
+func (t *TFZone) viewWith(ctx context.Context, key string, wanted int, hold time.Duration) *snapshot {
+	timer := time.NewTimer(hold)
+	defer timer.Stop()
 	for {
 		changed := *t.changed.Load()
 		view := t.view.Load()
-		if view.rev >= want {
+		if view.count(key) >= wanted {
 			return view
-		}
-		if timer == nil {
-			timer = time.After(wait)
 		}
 		select {
 		case <-changed:
-		case <-timer:
+		case <-timer.C:
 			return t.view.Load()
 		case <-ctx.Done():
 			return t.view.Load()
@@ -154,7 +153,7 @@ func (t *TFZone) list(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	view := &snapshot{rev: resp.Header.Revision, entries: make([]entry, 0, len(resp.Kvs))}
+	view := &snapshot{entries: make([]entry, 0, len(resp.Kvs))}
 	for _, kv := range resp.Kvs { // etcd returns a prefix range sorted by key
 		serv, err := decode(string(kv.Key), kv.Value)
 		if err != nil {
@@ -191,7 +190,7 @@ func (t *TFZone) follow(ctx context.Context, rev int64) {
 			}
 			view = view.with(key, serv)
 		}
-		t.setView(&snapshot{rev: resp.Header.Revision, entries: view.entries})
+		t.setView(&snapshot{entries: view.entries})
 	}
 }
 

@@ -216,27 +216,30 @@ func BenchmarkSRV256(b *testing.B) {
 	}
 }
 
-func TestAQuestionWaitsForTheRevisionItAsksFor(t *testing.T) {
+// askHeld asks for the membership set with MembersOption: wanted records,
+// held at most hold.
+func askHeld(z *TFZone, wanted uint32, hold time.Duration) *dns.Msg {
+	req := new(dns.Msg)
+	req.SetQuestion("_tensorflow._tcp.tensorflow.local.", dns.TypeSRV)
+	req.SetEdns0(65000, false)
+	data := make([]byte, 8)
+	binary.BigEndian.PutUint32(data, wanted)
+	binary.BigEndian.PutUint32(data[4:], uint32(hold/time.Millisecond))
+	opt := req.IsEdns0()
+	opt.Option = append(opt.Option, &dns.EDNS0_LOCAL{Code: MembersOption, Data: data})
+	rec := &recorder{}
+	z.ServeDNS(context.Background(), rec, req)
+	return rec.msg
+}
+
+func TestAQuestionIsHeldUntilTheSetIsComplete(t *testing.T) {
 	z := newZone()
 	fill(t, z, member("ps0", "127.0.9.1"))
-	z.setView(&snapshot{rev: 10, entries: z.view.Load().entries})
-	ask := func() *dns.Msg {
-		req := new(dns.Msg)
-		req.SetQuestion("_tensorflow._tcp.tensorflow.local.", dns.TypeSRV)
-		req.SetEdns0(65000, false)
-		data := make([]byte, 8)
-		binary.BigEndian.PutUint64(data, 11)
-		opt := req.IsEdns0()
-		opt.Option = append(opt.Option, &dns.EDNS0_LOCAL{Code: RevisionOption, Data: data})
-		rec := &recorder{}
-		z.ServeDNS(context.Background(), rec, req)
-		return rec.msg
-	}
 	done := make(chan *dns.Msg)
-	go func() { done <- ask() }()
+	go func() { done <- askHeld(z, 2, 10*time.Second) }()
 	select {
 	case m := <-done:
-		t.Fatalf("answered before revision 11 arrived: %v", m)
+		t.Fatalf("answered with 1 of 2 members: %v", m)
 	case <-time.After(50 * time.Millisecond):
 	}
 	view := z.view.Load()
@@ -244,13 +247,28 @@ func TestAQuestionWaitsForTheRevisionItAsksFor(t *testing.T) {
 		serv, _ := decode(key, []byte(value))
 		view = view.with(key, serv)
 	}
-	z.setView(&snapshot{rev: 11, entries: view.entries})
+	began := time.Now()
+	z.setView(view)
 	select {
 	case m := <-done:
-		if len(m.Answer) != 2 {
-			t.Fatalf("answer at revision 11: %d members, want 2", len(m.Answer))
+		if len(m.Answer) != 2 || glue(m) != 2 {
+			t.Fatalf("held answer: %d members, %d glue; want 2 each", len(m.Answer), glue(m))
 		}
-	case <-time.After(RevisionWait):
-		t.Fatal("no answer after revision 11 arrived")
+		t.Logf("answered %v after the claim arrived", time.Since(began))
+	case <-time.After(time.Second):
+		t.Fatal("no answer after the second member arrived")
+	}
+	// A complete set answers at once; an incomplete one when the hold is up.
+	began = time.Now()
+	if m := askHeld(z, 2, 10*time.Second); len(m.Answer) != 2 || time.Since(began) > time.Second {
+		t.Fatalf("complete set: %d members after %v", len(m.Answer), time.Since(began))
+	}
+	began = time.Now()
+	m := askHeld(z, 3, 100*time.Millisecond)
+	if held := time.Since(began); len(m.Answer) != 2 || held < 100*time.Millisecond || held > time.Second {
+		t.Fatalf("incomplete set: %d members after %v; want 2 after the 100ms hold", len(m.Answer), held)
+	}
+	if wanted, hold := requestedMembers(m); wanted != 0 || hold != 0 {
+		t.Fatalf("a reply carries no hold: %d, %v", wanted, hold)
 	}
 }

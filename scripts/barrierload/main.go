@@ -1,20 +1,20 @@
 // Command barrierload drives the barrier's server path against a real etcd
 // and a real CoreDNS, with N cheap agents in one Go process:
 //
-//	barrierload server-path -etcd URL -dns HOST:PORT -n N [-runs R] [-wire gateway|grpc]
+//	barrierload server-path -etcd URL -dns HOST:PORT -n N [-runs R]
 //	barrierload fill -etcd URL -n N
 //	barrierload load -dns HOST:PORT -name NAME -type SRV [-c 8] [-duration 3s]
 //
-// server-path: N−1 members are claimed; N agent watches (each through etcd's
-// JSON gateway on its own HTTP connection, as discovery/watch.py does;
-// -wire grpc for gRPC streams instead) and N stand-in plugin watches (the
-// stream each instance's CoreDNS holds on the zone prefix) are opened; then
-// the last member is claimed. Each agent records when its watch shows every
-// member, then sends one SRV query as the agent does (TCP at once when the
-// answer cannot fit in UDP; asked again after 5 ms, doubling, if the answer
-// still lacks a member) and records when it holds a complete answer. Times
-// run from just before the last claim's transaction is sent. One line per
-// run, parsed by scripts/bench_barrier:
+// server-path: N−1 members are claimed; N stand-in plugin watches (the
+// stream each instance's CoreDNS holds on the zone prefix) are opened, and N
+// agents each send the one question the agent sends: the SRV set with
+// tfzone's hold option (EDNS0 65002: answer once N members are registered,
+// at most 10 s), over UDP, or TCP at once when the answer cannot fit. The
+// agents hold no etcd watch (discovery/barrier.py). Then the last member is
+// claimed. Times run from just before its transaction is sent: until each
+// stand-in watch has seen it (what each instance's CoreDNS waits for), and
+// until each agent holds a complete answer. One line per run, parsed by
+// scripts/bench_barrier:
 //
 //	server-path-run N=256 run=0 watch_p50_ms=… watch_p99_ms=… answer_p50_ms=… answer_p99_ms=… answer_max_ms=… queries_per_agent=…
 //
@@ -29,16 +29,11 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/base64"
 	"encoding/binary"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"sort"
 	"strconv"
@@ -55,7 +50,6 @@ type config struct {
 	etcd, dnsAddr, path, zone string
 	n, runs                   int
 	standins                  bool
-	wire                      string
 	timeout                   time.Duration
 }
 
@@ -73,7 +67,6 @@ func main() {
 	fs.IntVar(&c.n, "n", 8, "cluster size")
 	fs.IntVar(&c.runs, "runs", 3, "barriers to time")
 	fs.BoolVar(&c.standins, "standins", true, "open N plugin watches besides the real CoreDNS's")
-	fs.StringVar(&c.wire, "wire", "gateway", "the agents' watches: gateway (etcd's JSON gateway, as the agent) or grpc")
 	fs.DurationVar(&c.timeout, "timeout", 60*time.Second, "bound on each barrier")
 	name := fs.String("name", "", "load: the name to ask")
 	qtype := fs.String("type", "SRV", "load: the query type")
@@ -223,10 +216,10 @@ func members(reply *dns.Msg) int {
 }
 
 type agentResult struct {
-	watch, answer time.Time
-	queries       int
-	tooLarge      bool // even a TCP answer cannot hold every member
-	err           error
+	answer   time.Time
+	queries  int
+	tooLarge bool // even a TCP answer cannot hold every member
+	err      error
 }
 
 func serverPath(c config) error {
@@ -273,25 +266,35 @@ func (c config) onePath(cli *clientv3.Client, pool []*clientv3.Client, names []s
 
 	watchCtx, stopWatches := context.WithCancel(ctx)
 	defer stopWatches()
-	var ready, done sync.WaitGroup
+	var ready, done, seen sync.WaitGroup
 	results := make([]agentResult, n)
-	for i := range n {
-		ready.Add(1)
-		done.Add(1)
-		go func() {
-			defer done.Done()
-			results[i] = c.agent(watchCtx, pool[i%len(pool)], i, n, &ready)
-		}()
-	}
+	watched := make([]time.Time, 0, n)
 	if c.standins {
+		watched = watched[:n]
 		for i := range n {
 			ready.Add(1)
-			go standin(watchCtx, pool[i%len(pool)], c.zoneKey()+"/", i, &ready)
+			seen.Add(1)
+			go func() {
+				defer seen.Done()
+				watched[i] = standin(watchCtx, pool[i%len(pool)], c.zoneKey()+"/", i, &ready)
+			}()
 		}
 	}
 	if !waitGroup(&ready, c.timeout) {
 		return fmt.Errorf("watches not established within %s", c.timeout)
 	}
+	for i := range n {
+		ready.Add(1)
+		done.Add(1)
+		go func() {
+			defer done.Done()
+			results[i] = c.agent(watchCtx, i, n, &ready)
+		}()
+	}
+	if !waitGroup(&ready, c.timeout) {
+		return fmt.Errorf("agents' questions not sent within %s", c.timeout)
+	}
+	time.Sleep(50 * time.Millisecond) // the questions reach CoreDNS and are held: the scenario
 	start := time.Now()
 	if err := c.claim(ctx, cli, lease.ID, n-1, names[n-1]); err != nil {
 		return err
@@ -299,13 +302,21 @@ func (c config) onePath(cli *clientv3.Client, pool []*clientv3.Client, names []s
 	if !waitGroup(&done, c.timeout) {
 		return fmt.Errorf("agents not done within %s", c.timeout)
 	}
+	if !waitGroup(&seen, c.timeout) {
+		return fmt.Errorf("stand-in watches did not see the claim within %s", c.timeout)
+	}
 	var watchMs, answerMs []float64
+	for _, at := range watched {
+		watchMs = append(watchMs, ms(at.Sub(start)))
+	}
+	if len(watchMs) == 0 {
+		watchMs = []float64{0}
+	}
 	queries, tooLarge := 0, 0
 	for _, r := range results {
 		if r.err != nil {
 			return r.err
 		}
-		watchMs = append(watchMs, ms(r.watch.Sub(start)))
 		queries += r.queries
 		if r.tooLarge {
 			tooLarge++
@@ -325,184 +336,36 @@ func (c config) onePath(cli *clientv3.Client, pool []*clientv3.Client, names []s
 	return nil
 }
 
-// agent is one instance's barrier on the wire: a watch on the membership
-// prefix (its own stream), then one SRV query once every member is in etcd.
-func (c config) agent(ctx context.Context, cli *clientv3.Client, id, n int, ready *sync.WaitGroup) agentResult {
-	signalled := false
-	signal := func() {
-		if !signalled {
-			signalled = true
-			ready.Done()
-		}
-	}
-	defer signal()
-	watchSet := c.watchGRPC
-	if c.wire == "gateway" {
-		watchSet = c.watchGateway
-	}
-	seen, revision, err := watchSet(ctx, cli, id, n, signal)
-	if err != nil {
-		return agentResult{err: fmt.Errorf("agent %d: %w", id, err)}
-	}
+// agent is one instance's barrier on the wire: one SRV question held by
+// tfzone until every member is registered, asked again if the hold runs
+// out; ready is signalled once the first question is sent.
+func (c config) agent(ctx context.Context, id, n int, ready *sync.WaitGroup) agentResult {
 	network := "udp"
 	if !fitsUDP(n, isLoopback(c.dnsAddr)) {
 		network = "tcp"
 	}
-	settle := 5 * time.Millisecond
+	sent := ready.Done
 	for queries := 1; ; queries++ {
-		hdr, err := askHeader(network, c.dnsAddr, c.srvName(), uint16(ednsBuffer(isLoopback(c.dnsAddr))), revision)
+		hdr, err := askHeader(network, c.dnsAddr, c.srvName(), uint16(ednsBuffer(isLoopback(c.dnsAddr))), n, hold, sent)
+		sent = func() {}
 		if err == nil && hdr.Truncated && network == "udp" {
 			network = "tcp"
 			continue
 		}
 		if err == nil && hdr.Truncated {
-			return agentResult{watch: seen, queries: queries, tooLarge: true}
+			return agentResult{queries: queries, tooLarge: true}
 		}
 		if err == nil && int(hdr.Ancount) == n && int(hdr.Arcount) >= n {
-			return agentResult{watch: seen, answer: time.Now(), queries: queries}
+			return agentResult{answer: time.Now(), queries: queries}
 		}
 		if ctx.Err() != nil {
 			return agentResult{err: fmt.Errorf("agent %d: no complete answer: %v", id, err)}
 		}
-		time.Sleep(settle)
-		settle *= 2
 	}
 }
 
-// watchGRPC lists the membership prefix, then follows it with a gRPC watch
-// of its own until every member is in etcd: when, and at which revision.
-func (c config) watchGRPC(ctx context.Context, cli *clientv3.Client, id, n int, created func()) (time.Time, int64, error) {
-	ctx = metadata.AppendToOutgoingContext(ctx, "tfcluster-agent", strconv.Itoa(id))
-	resp, err := cli.Get(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		return time.Time{}, 0, err
-	}
-	present := map[string]bool{}
-	for _, kv := range resp.Kvs {
-		present[string(kv.Key)] = true
-	}
-	watch := cli.Watch(ctx, c.srvPrefix(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1), clientv3.WithCreatedNotify())
-	var revision int64 // mod_revision of the claim that completed the set
-	for wr := range watch {
-		if wr.Created {
-			created()
-			continue
-		}
-		if err := wr.Err(); err != nil {
-			return time.Time{}, 0, err
-		}
-		for _, ev := range wr.Events {
-			revision = max(revision, ev.Kv.ModRevision)
-			if ev.Type == clientv3.EventTypeDelete {
-				delete(present, string(ev.Kv.Key))
-			} else {
-				present[string(ev.Kv.Key)] = true
-			}
-		}
-		if len(present) == n {
-			return time.Now(), revision, nil
-		}
-	}
-	return time.Time{}, 0, fmt.Errorf("watch ended before every member was in etcd")
-}
-
-// gatewayEvent is one event of etcd's JSON gateway: int64s come as strings.
-type gatewayEvent struct {
-	Type string `json:"type"`
-	Kv   struct {
-		Key         string `json:"key"`
-		ModRevision int64  `json:"mod_revision,string"`
-	} `json:"kv"`
-}
-
-// watchGateway does what discovery/watch.py does: a keys-only range, then a
-// watch through etcd's JSON gateway (POST /v3/watch, one HTTP connection of
-// its own, one JSON object per line).
-func (c config) watchGateway(ctx context.Context, _ *clientv3.Client, _, n int, created func()) (time.Time, int64, error) {
-	prefix := c.srvPrefix()
-	key := base64.StdEncoding.EncodeToString([]byte(prefix))
-	end := base64.StdEncoding.EncodeToString(prefixEnd(prefix))
-	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-	post := func(path string, body any) (*http.Response, error) {
-		data, _ := json.Marshal(body)
-		req, err := http.NewRequestWithContext(ctx, "POST", strings.TrimRight(c.etcd, "/")+path, bytes.NewReader(data))
-		if err != nil {
-			return nil, err
-		}
-		req.Header.Set("Content-Type", "application/json")
-		return client.Do(req)
-	}
-	resp, err := post("/v3/kv/range", map[string]any{"key": key, "range_end": end, "keys_only": true})
-	if err != nil {
-		return time.Time{}, 0, err
-	}
-	var listed struct {
-		Header struct {
-			Revision int64 `json:"revision,string"`
-		} `json:"header"`
-		Kvs []struct {
-			Key string `json:"key"`
-		} `json:"kvs"`
-	}
-	err = json.NewDecoder(resp.Body).Decode(&listed)
-	resp.Body.Close()
-	if err != nil {
-		return time.Time{}, 0, fmt.Errorf("range: %w", err)
-	}
-	present := map[string]bool{}
-	for _, kv := range listed.Kvs {
-		present[kv.Key] = true
-	}
-	create := map[string]any{"key": key, "range_end": end, "start_revision": listed.Header.Revision + 1}
-	stream, err := post("/v3/watch", map[string]any{"create_request": create})
-	if err != nil {
-		return time.Time{}, 0, err
-	}
-	defer stream.Body.Close()
-	lines := json.NewDecoder(bufio.NewReader(stream.Body))
-	var revision int64
-	for {
-		var message struct {
-			Result struct {
-				Created  bool           `json:"created"`
-				Canceled bool           `json:"canceled"`
-				Events   []gatewayEvent `json:"events"`
-			} `json:"result"`
-		}
-		if err := lines.Decode(&message); err != nil {
-			return time.Time{}, 0, fmt.Errorf("watch ended before every member was in etcd: %w", err)
-		}
-		if message.Result.Created {
-			created()
-		}
-		if message.Result.Canceled {
-			return time.Time{}, 0, fmt.Errorf("watch canceled")
-		}
-		for _, ev := range message.Result.Events {
-			revision = max(revision, ev.Kv.ModRevision)
-			if ev.Type == "DELETE" {
-				delete(present, ev.Kv.Key)
-			} else {
-				present[ev.Kv.Key] = true
-			}
-		}
-		if len(present) == n {
-			return time.Now(), revision, nil
-		}
-	}
-}
-
-// prefixEnd is etcd's range_end for every key starting with prefix.
-func prefixEnd(prefix string) []byte {
-	end := []byte(prefix)
-	for i := len(end) - 1; i >= 0; i-- {
-		if end[i] < 0xff {
-			end[i]++
-			return end[:i+1]
-		}
-	}
-	return []byte{0}
-}
+// hold is how long the agents' questions may be held (discovery/barrier.py's default).
+const hold = 10 * time.Second
 
 // header is what the server path reads of an answer: its section counts.
 // Parsing the records is the client path's cost, measured on its own.
@@ -511,28 +374,31 @@ type header struct {
 	Ancount, Arcount uint16
 }
 
-// askHeader sends one SRV question and reads the reply's header only.
-// revision is sent in tfzone's EDNS0 option (65001): answer from a view at
-// that etcd revision or later, as the agent's DNS client does.
-func askHeader(network, addr, name string, buffer uint16, revision int64) (header, error) {
+// askHeader sends one SRV question and reads the reply's header only. The
+// question carries tfzone's hold option (65002): answer once wanted records
+// are registered, at most hold, as the agent's DNS client asks. sent is
+// called once the question is on its way.
+func askHeader(network, addr, name string, buffer uint16, wanted int, hold time.Duration, sent func()) (header, error) {
 	client := &dns.Client{Net: network, Timeout: 5 * time.Second}
 	co, err := client.Dial(addr)
 	if err != nil {
+		sent()
 		return header{}, err
 	}
 	defer co.Close()
-	co.SetDeadline(time.Now().Add(5 * time.Second))
+	co.SetDeadline(time.Now().Add(hold + 5*time.Second))
 	m := new(dns.Msg)
 	m.SetQuestion(name, dns.TypeSRV)
 	m.SetEdns0(buffer, false)
-	if revision > 0 {
-		data := make([]byte, 8)
-		binary.BigEndian.PutUint64(data, uint64(revision))
-		opt := m.IsEdns0()
-		opt.Option = append(opt.Option, &dns.EDNS0_LOCAL{Code: 65001, Data: data})
-	}
+	data := make([]byte, 8)
+	binary.BigEndian.PutUint32(data, uint32(wanted))
+	binary.BigEndian.PutUint32(data[4:], uint32(hold/time.Millisecond))
+	opt := m.IsEdns0()
+	opt.Option = append(opt.Option, &dns.EDNS0_LOCAL{Code: 65002, Data: data})
 	co.UDPSize = buffer
-	if err := co.WriteMsg(m); err != nil {
+	err = co.WriteMsg(m)
+	sent()
+	if err != nil {
 		return header{}, err
 	}
 	for {
@@ -552,19 +418,27 @@ func askHeader(network, addr, name string, buffer uint16, revision int64) (heade
 	}
 }
 
-// standin holds the watch one instance's CoreDNS (tfzone) holds: the zone prefix.
-func standin(ctx context.Context, cli *clientv3.Client, prefix string, id int, ready *sync.WaitGroup) {
+// standin holds the watch one instance's CoreDNS (tfzone) holds: the zone
+// prefix. It returns when it sees the first change after it was set up (the
+// last claim), or the zero time if the watch ends first.
+func standin(ctx context.Context, cli *clientv3.Client, prefix string, id int, ready *sync.WaitGroup) time.Time {
 	ctx = metadata.AppendToOutgoingContext(ctx, "tfcluster-plugin", strconv.Itoa(id))
 	signalled := false
+	defer func() {
+		if !signalled {
+			ready.Done()
+		}
+	}()
 	for wr := range cli.Watch(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCreatedNotify()) {
 		if wr.Created && !signalled {
 			signalled = true
 			ready.Done()
 		}
+		if len(wr.Events) > 0 {
+			return time.Now()
+		}
 	}
-	if !signalled {
-		ready.Done()
-	}
+	return time.Time{}
 }
 
 // waitAnswer waits until CoreDNS answers every one of names: the SRV set
