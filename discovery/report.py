@@ -553,8 +553,8 @@ class Reporter:
     def follow_barrier(self, source: BarrierSource | None) -> None:
         """Take barrier progress from ``source`` at each write (None: stop).
 
-        Pulled rather than pushed: a membership watch sees one event per
-        peer's claim, and the report needs the count at most once a second.
+        Pulled rather than pushed: the barrier's last answer (``Barrier.progress``)
+        is read when a report is written, at most once a second.
         ``source`` is called with the report's lock held, so it must not
         call back into the reporter; it returns (seen, expected, missing),
         or None when it cannot tell (the last progress then stays).
