@@ -11,7 +11,7 @@ States and transitions (``Agent.run`` walks them in order)::
                name held by another live instance    -> exit 4, nothing written
                etcd unreachable past claim_timeout   -> exit 6, nothing written
     BARRIER    one SRV query, held by tfzone until every member is
-               registered (asked again each 2 s hold), then
+               registered (asked again when its 10 s hold runs out), then
                getaddrinfo for every peer            -> CONFIGURE
                barrier_timeout                       -> revoke, exit 5
     CONFIGURE  write TF_CONFIG (names or addresses)  -> SERVE

@@ -202,9 +202,8 @@ class DNSClient:
         ``hold`` seconds too, tfzone holds the question until that many
         members are registered (or the seconds are up), so one question
         waits for the last claim (``interrupt`` ends that wait early). SRV
-        targets that are not member names, and
-        targets without a glue address, are skipped: they are not servers
-        TensorFlow can dial.
+        targets that are not member names, and targets without a glue
+        address, are skipped: they are not servers TensorFlow can dial.
         """
         tcp = expected is not None and not fits_udp(self.edns_buffer, expected)
         name = records.srv_name(zone)

@@ -33,16 +33,8 @@ func (s *snapshot) count(key string) int {
 	if n, ok := s.counts.Load(key); ok {
 		return n.(int)
 	}
-	n := 0
-	prefix := strings.TrimSuffix(key, "/") + "/"
-	for i := s.search(prefix); i < len(s.entries) && strings.HasPrefix(s.entries[i].key, prefix); i++ {
-		n++
-	}
-	if n == 0 {
-		if _, ok := s.lookup(key, true); ok {
-			n = 1
-		}
-	}
+	found, _ := s.lookup(key, false)
+	n := len(found)
 	s.counts.Store(key, n)
 	return n
 }

@@ -190,7 +190,7 @@ func (t *TFZone) follow(ctx context.Context, rev int64) {
 			}
 			view = view.with(key, serv)
 		}
-		t.setView(&snapshot{entries: view.entries})
+		t.setView(view)
 	}
 }
 

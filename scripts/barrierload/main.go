@@ -49,7 +49,6 @@ import (
 type config struct {
 	etcd, dnsAddr, path, zone string
 	n, runs                   int
-	standins                  bool
 	timeout                   time.Duration
 }
 
@@ -66,7 +65,6 @@ func main() {
 	fs.StringVar(&c.zone, "zone", "tensorflow.local", "the cluster zone")
 	fs.IntVar(&c.n, "n", 8, "cluster size")
 	fs.IntVar(&c.runs, "runs", 3, "barriers to time")
-	fs.BoolVar(&c.standins, "standins", true, "open N plugin watches besides the real CoreDNS's")
 	fs.DurationVar(&c.timeout, "timeout", 60*time.Second, "bound on each barrier")
 	name := fs.String("name", "", "load: the name to ask")
 	qtype := fs.String("type", "SRV", "load: the query type")
@@ -268,17 +266,14 @@ func (c config) onePath(cli *clientv3.Client, pool []*clientv3.Client, names []s
 	defer stopWatches()
 	var ready, done, seen sync.WaitGroup
 	results := make([]agentResult, n)
-	watched := make([]time.Time, 0, n)
-	if c.standins {
-		watched = watched[:n]
-		for i := range n {
-			ready.Add(1)
-			seen.Add(1)
-			go func() {
-				defer seen.Done()
-				watched[i] = standin(watchCtx, pool[i%len(pool)], c.zoneKey()+"/", i, &ready)
-			}()
-		}
+	watched := make([]time.Time, n)
+	for i := range n {
+		ready.Add(1)
+		seen.Add(1)
+		go func() {
+			defer seen.Done()
+			watched[i] = standin(watchCtx, pool[i%len(pool)], c.zoneKey()+"/", i, &ready)
+		}()
 	}
 	if !waitGroup(&ready, c.timeout) {
 		return fmt.Errorf("watches not established within %s", c.timeout)
@@ -308,9 +303,6 @@ func (c config) onePath(cli *clientv3.Client, pool []*clientv3.Client, names []s
 	var watchMs, answerMs []float64
 	for _, at := range watched {
 		watchMs = append(watchMs, ms(at.Sub(start)))
-	}
-	if len(watchMs) == 0 {
-		watchMs = []float64{0}
 	}
 	queries, tooLarge := 0, 0
 	for _, r := range results {
@@ -348,18 +340,17 @@ func (c config) agent(ctx context.Context, id, n int, ready *sync.WaitGroup) age
 	for queries := 1; ; queries++ {
 		hdr, err := askHeader(network, c.dnsAddr, c.srvName(), uint16(ednsBuffer(isLoopback(c.dnsAddr))), n, hold, sent)
 		sent = func() {}
-		if err == nil && hdr.Truncated && network == "udp" {
+		switch {
+		case err != nil:
+			return agentResult{err: fmt.Errorf("agent %d: %w", id, err)}
+		case hdr.Truncated && network == "udp":
 			network = "tcp"
-			continue
-		}
-		if err == nil && hdr.Truncated {
+		case hdr.Truncated:
 			return agentResult{queries: queries, tooLarge: true}
-		}
-		if err == nil && int(hdr.Ancount) == n && int(hdr.Arcount) >= n {
+		case int(hdr.Ancount) == n && int(hdr.Arcount) >= n:
 			return agentResult{answer: time.Now(), queries: queries}
-		}
-		if ctx.Err() != nil {
-			return agentResult{err: fmt.Errorf("agent %d: no complete answer: %v", id, err)}
+		case ctx.Err() != nil: // held until the hold ran out, more than once
+			return agentResult{err: fmt.Errorf("agent %d: no complete answer", id)}
 		}
 	}
 }
