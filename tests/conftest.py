@@ -164,9 +164,10 @@ def stand_in_staged() -> dict[str, Any]:
     return staged
 
 
-# A moto server (EC2 and S3) per module, emptied around each test, and a fresh
-# bucket in it: the reports, outputs and agent-report tests share these; test
-# files with a server of their own (lifecycle, operator) define their own.
+# A moto server (EC2 and S3) per module: ``moto`` clears its controls around
+# each test, with a fresh ``bucket`` in it (reports, outputs, agent reports);
+# ``server`` also empties moto's state first (lifecycle, operator: each test
+# counts the instances, groups and key pairs it made).
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[ControlledMoto]:
     yield from running()
@@ -179,6 +180,13 @@ def moto(moto_server: ControlledMoto) -> Iterator[ControlledMoto]:
         yield moto_server
     finally:
         moto_server.clear()
+
+
+@pytest.fixture
+def server(moto_server: ControlledMoto) -> Iterator[ControlledMoto]:
+    moto_server.reset_state()
+    yield moto_server
+    moto_server.clear()
 
 
 @pytest.fixture

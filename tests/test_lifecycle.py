@@ -37,7 +37,7 @@ import pytest
 import yaml
 from moto.ec2.models.amis import AMIS
 
-from controlled_moto import ControlledMoto, fake_aws_env, running, tag_value, without_aws
+from controlled_moto import ControlledMoto, fake_aws_env, tag_value, without_aws
 from tfcluster.cloudinit.cloud.provider import TAG_CLUSTER, TAG_EXPIRES, TAG_ROLE
 
 REGION = "us-east-1"
@@ -64,18 +64,6 @@ class Run:
         errors = self.errors()
         assert len(errors) == 1, self.stderr
         return errors[0]
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[ControlledMoto]:
-    yield from running()
-
-
-@pytest.fixture
-def server(moto: ControlledMoto) -> Iterator[ControlledMoto]:
-    moto.reset_state()
-    yield moto
-    moto.clear()
 
 
 @pytest.fixture

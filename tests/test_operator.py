@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import yaml
 from click.testing import CliRunner
 from moto.ec2.models.amis import AMIS
 
-from controlled_moto import ControlledMoto, fake_aws_env, running, s3_client, use_fake_aws
+from controlled_moto import ControlledMoto, fake_aws_env, s3_client, use_fake_aws
 from harness import AgentProcess, make_agent
 from tfcluster.cloudinit import cli
 from tfcluster.cloudinit.localcloud.parts import split_user_data
@@ -49,18 +48,6 @@ AMI = str(AMIS[0]["ami_id"])
 TFCLUSTER = str(Path(sys.executable).parent / "tfcluster")
 EXIT_TIMEOUT = 180.0
 MEMBERS = [Member("chief", 0), Member("ps", 0), Member("worker", 0), Member("worker", 1)]
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[ControlledMoto]:
-    yield from running()
-
-
-@pytest.fixture
-def server(moto: ControlledMoto) -> Iterator[ControlledMoto]:
-    moto.reset_state()
-    yield moto
-    moto.clear()
 
 
 @pytest.fixture
